@@ -1,0 +1,191 @@
+"""Convert a checkpoint of the released CMFN code into this project's checkpoint format.
+
+    python tools/convert_official_checkpoint.py SRC DST --dataset sysu|regdb|llcm [--num-classes N]
+
+SRC is what the released training scripts saved with ``torch.save``: a dict with the
+state dict under ``net`` (plus values such as epoch, mAP, cmc), or a bare state dict; keys
+may carry a ``module.`` prefix (DataParallel). Its key layout is spec 2.12 (see
+tests/golden/released_state_dict_*.txt). The used tensors are mapped onto this project's
+modules (:func:`model.cmfn.convert_released_state_dict`); the tensors the released model
+never uses are dropped and counted; a key that maps nowhere is an error. DST is written
+with utils.checkpoint (config = configs/<dataset>.yaml, PRETRAINED off) so that
+``model.load_model(DST)`` rebuilds the model.
+
+Loading is ``weights_only=True``. The released scripts also stored numpy values (cmc, mAP),
+which need numpy's array/scalar reconstructors: those few globals (and nothing else) are
+allowed. A file needing any other global is refused with an explanation; ``--unsafe-load``
+then unpickles it with ``weights_only=False``, which can run arbitrary code from the file:
+use it only for files you trust.
+"""
+import argparse
+import importlib
+import os
+import re
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import build_model  # noqa: E402
+from model.cmfn import convert_released_state_dict, released_convert_options  # noqa: E402
+from utils.checkpoint import file_sha256, make_checkpoint, save_checkpoint  # noqa: E402
+from utils.config import build_config  # noqa: E402
+
+DATASETS = ("sysu", "regdb", "llcm")
+# numpy's pickle reconstructors for arrays and scalars: they rebuild plain numeric data only.
+NUMPY_GLOBALS = {
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+}
+NUMPY_DTYPE_CLASS = re.compile(r"^numpy\.dtypes\.\w+DType$")
+
+
+class ConversionFailed(RuntimeError):
+    """SRC cannot be read or mapped onto the model; the message says why."""
+
+
+def _resolve(name):
+    """The object a pickled global name refers to (numpy 1 names resolve in numpy 2 too)."""
+    module, attr = name.rsplit(".", 1)
+    for candidate in (module.replace("numpy.core", "numpy._core", 1), module):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return getattr(importlib.import_module(candidate), attr)
+        except (ImportError, AttributeError):
+            continue
+    raise ConversionFailed("cannot resolve the pickled global %s" % name)
+
+
+def _numpy_dtype_classes():
+    """numpy >= 1.25's dtype classes (``numpy.dtypes.Float64DType`` ...), which unpickling a
+    dtype instantiates without the pickle naming them."""
+    try:
+        dtypes = importlib.import_module("numpy.dtypes")
+    except ImportError:
+        return []
+    return [getattr(dtypes, name) for name in dir(dtypes) if NUMPY_DTYPE_CLASS.match("numpy.dtypes." + name)]
+
+
+def load_released(path, unsafe=False):
+    """torch.load `path` without unpickling anything but tensors, containers and numpy data."""
+    if not os.path.isfile(path):
+        raise ConversionFailed("source checkpoint not found: %s" % path)
+    if unsafe:
+        print("WARNING: --unsafe-load: unpickling %s with weights_only=False (can run code from the file)" % path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first_error:  # torch raises several types for foreign pickles
+        try:
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            needed = None
+        if not needed:
+            raise ConversionFailed("cannot read %s with weights_only=True: %s" % (path, first_error)) from None
+        refused = [g for g in needed if g not in NUMPY_GLOBALS and not NUMPY_DTYPE_CLASS.match(g)]
+        if refused:
+            raise ConversionFailed(
+                "%s stores Python objects other than tensors and numpy data (%s); refusing to unpickle "
+                "them. If you trust the file, rerun with --unsafe-load (weights_only=False, which can "
+                "execute code from the file), or re-save just its state dict." % (path, ", ".join(refused))
+            ) from None
+        allowed = [(_resolve(g), g) for g in needed] + _numpy_dtype_classes()
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def extract_state_dict(obj, path):
+    """The released state dict inside a loaded file (``net`` entry or bare), ``module.`` stripped."""
+    if isinstance(obj, dict) and isinstance(obj.get("net"), dict):
+        obj = obj["net"]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise ConversionFailed(
+            "%s holds no released state dict: expected a dict of tensors or a dict with a 'net' entry, found %s"
+            % (path, found)
+        )
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def convert(src, dst, dataset, num_classes=None, unsafe=False, log=print):
+    """Convert `src` to `dst`; returns a summary dict (also printed through `log`)."""
+    if dataset not in DATASETS:
+        raise ConversionFailed("--dataset must be one of %s, got %r" % (", ".join(DATASETS), dataset))
+    loaded = load_released(src, unsafe)
+    released = extract_state_dict(loaded, src)
+    if "classifier.weight" not in released:
+        raise ConversionFailed("%s has no classifier.weight; not a released CMFN state dict" % src)
+    file_classes = int(released["classifier.weight"].shape[0])
+    if num_classes is not None and int(num_classes) != file_classes:
+        raise ConversionFailed(
+            "--num-classes %d, but %s has a classifier over %d identities" % (num_classes, src, file_classes)
+        )
+    cfg = build_config(dataset, opts=["MODEL.PRETRAINED", "False"])
+    state, dropped, unmapped = convert_released_state_dict(
+        released, cfg.MODEL.MBUE_AFTER, **released_convert_options(cfg)
+    )
+    if unmapped:
+        raise ConversionFailed(
+            "%s: %d released keys cannot be mapped for --dataset %s (a checkpoint of another dataset's "
+            "configuration?): %s" % (src, len(unmapped), dataset, "; ".join(unmapped[:8]) + (" ..." if len(unmapped) > 8 else ""))
+        )
+    model = build_model(cfg, file_classes)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = sorted(
+        "%s %s vs %s" % (k, tuple(state[k].shape), tuple(own[k].shape))
+        for k in set(own) & set(state) if own[k].shape != state[k].shape
+    )
+    if missing or extra or wrong:
+        parts = []
+        for label, keys in (("not provided by SRC", missing), ("without a place in the model", extra), ("of the wrong shape", wrong)):
+            if keys:
+                parts.append("%d keys %s: %s%s" % (len(keys), label, ", ".join(keys[:6]), " ..." if len(keys) > 6 else ""))
+        raise ConversionFailed("%s does not fit the %s model: %s" % (src, dataset, "; ".join(parts)))
+    model.load_state_dict(state)
+    meta = {
+        "converted_from": os.path.basename(src),
+        "source_sha256": file_sha256(src),
+        "released_tensors": len(released),
+        "mapped_tensors": len(state),
+        "dropped_tensors": dict(sorted(dropped.items())),
+    }
+    if isinstance(loaded, dict) and isinstance(loaded.get("epoch"), int):
+        meta["released_epoch"] = loaded["epoch"]
+    save_checkpoint(dst, make_checkpoint(model.state_dict(), cfg, file_classes, meta=meta))
+    log("read %d tensors from %s (%s configuration, %d classes)" % (len(released), src, dataset, file_classes))
+    log("mapped %d tensors onto the model" % len(state))
+    log("dropped %d released tensors (never used by the released model, or fixed constants):" % sum(dropped.values()))
+    for group, count in sorted(dropped.items()):
+        log("  %6d  %s" % (count, group))
+    log("wrote %s" % dst)
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="checkpoint saved by the released code (.t / .pth)")
+    parser.add_argument("dst", help="output checkpoint of this project")
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="configuration the model was trained in")
+    parser.add_argument("--num-classes", type=int, help="expected classifier size (checked against SRC)")
+    parser.add_argument(
+        "--unsafe-load", action="store_true",
+        help="unpickle SRC with weights_only=False (runs any code in the file; only for trusted files)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        convert(args.src, args.dst, args.dataset, args.num_classes, args.unsafe_load)
+    except ConversionFailed as exc:
+        parser.exit(2, "error: %s\n" % exc)
+
+
+if __name__ == "__main__":
+    main()
