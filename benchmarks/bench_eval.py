@@ -1,0 +1,203 @@
+"""Speed of utils.metrics.evaluate against the per-query loop reference (tests/reference_eval.py).
+
+Synthetic L2-normalised features (identity centre + Gaussian noise) give float32 distance
+matrices -(q @ g.T) at the sizes of the benchmarks' test sets; both evaluators run on the
+same matrix in the same process, and the JSON printed on stdout holds, per case, the wall
+and CPU (process) time of each, their ratios, the largest absolute difference between
+their outputs (CMC, standard CMC, mAP, mINP) and the retrieval figures of the synthetic
+data. CPU time is the steadier figure on a shared machine (both sides run on one thread by
+default; the reference is numpy, single-threaded).
+
+Cases: SYSU all-search single-shot (3803 x 301) and multi-shot (3803 x 3010), RegDB
+(2060 x 2060), LLCM-like (8000 x 7000, at two noise levels) and Market-like (3368 x 15913),
+plus "sysu_10_trials": the metric part of a full SYSU evaluation, 10 single-shot trials
+sliced from one 3803 x (all candidates) matrix by utils.evaluation.evaluate_trials.
+
+    python benchmarks/bench_eval.py [--quick] [--threads 1] [--repeat 3]
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from reference_eval import reference_evaluate  # noqa: E402
+from utils.evaluation import evaluate_trials  # noqa: E402
+from utils.metrics import evaluate  # noqa: E402
+
+DIM = 64
+# Feature noise per case, chosen so the synthetic retrieval figures resemble published ones
+# (SYSU Rank-1 ~75%, RegDB ~95%, LLCM ~60%, Market ~96%); "llcm_hard" is a weak model. The
+# evaluator's time grows with the number of items ranked before each query's last match.
+NOISE = {"sysu": 1.35, "regdb": 1.25, "llcm": 1.3, "llcm_hard": 1.5, "market": 1.0}
+
+
+def features(rng, pids, centres, noise):
+    f = centres[pids] + noise * rng.standard_normal((len(pids), DIM)).astype(np.float32)
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def distance(rng, q_pids, g_pids, n_ids, noise):
+    """-(q @ g.T) float32; pid -1 (distractors) gets pure-noise features."""
+    centres = np.concatenate([rng.standard_normal((n_ids, DIM)), np.zeros((1, DIM))]).astype(np.float32)
+    qf = features(rng, np.where(q_pids < 0, n_ids, q_pids), centres, noise)
+    gf = features(rng, np.where(g_pids < 0, n_ids, g_pids), centres, noise)
+    return -(qf @ gf.T)
+
+
+def sysu_gallery(rng, n_ids, shots):
+    """Every (identity, RGB camera) pair present with probability 0.78, `shots` images each."""
+    pids, cams = [], []
+    for pid in range(n_ids):
+        for cam in (1, 2, 4, 5):
+            if rng.random() < 0.78:
+                pids += [pid] * shots
+                cams += [cam] * shots
+    return np.array(pids), np.array(cams)
+
+
+def make_case(name, scale, rng):
+    """(distmat, q_pids, g_pids, q_camids, g_camids, protocol)."""
+    if name in ("sysu_single_shot", "sysu_multi_shot"):
+        n_ids = 96
+        g_pids, g_cams = sysu_gallery(rng, n_ids, 1 if name == "sysu_single_shot" else 10)
+        nq = int(3803 * scale)
+        q_pids, q_cams = rng.integers(0, n_ids, nq), rng.choice([3, 6], nq)
+        return distance(rng, q_pids, g_pids, n_ids, NOISE["sysu"]), q_pids, g_pids, q_cams, g_cams, "sysu"
+    if name == "regdb":
+        n_ids = max(20, int(206 * scale))
+        pids = np.repeat(np.arange(n_ids), 10)
+        return (distance(rng, pids, pids, n_ids, NOISE["regdb"]), pids, pids, np.ones_like(pids),
+                np.full_like(pids, 2), "regdb")
+    if name.startswith("llcm_like"):
+        n_ids, nq, ng = 351, int(8000 * scale), int(7000 * scale)
+        q_pids, g_pids = rng.integers(0, n_ids, nq), rng.integers(0, n_ids, ng)
+        q_cams, g_cams = rng.choice([1, 2, 4, 5, 6, 7, 8, 9], nq), rng.integers(1, 10, ng)
+        noise = NOISE["llcm_hard" if name.endswith("hard") else "llcm"]
+        return distance(rng, q_pids, g_pids, n_ids, noise), q_pids, g_pids, q_cams, g_cams, "llcm"
+    if name == "market_like":
+        n_ids, nq, ng = 751, int(3368 * scale), int(15913 * scale)
+        q_pids = rng.integers(0, n_ids, nq)
+        # about a third of the gallery are distractors (pid -1), as in Market-1501
+        g_pids = np.where(rng.random(ng) < 0.35, -1, rng.integers(0, n_ids, ng))
+        q_cams, g_cams = rng.integers(1, 7, nq), rng.integers(1, 7, ng)
+        return distance(rng, q_pids, g_pids, n_ids, NOISE["market"]), q_pids, g_pids, q_cams, g_cams, "market"
+    raise ValueError(name)
+
+
+def timed(fn, repeat=1):
+    """(result, best wall seconds, CPU seconds of that run)."""
+    best = None
+    for _ in range(repeat):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        w, c = time.perf_counter() - w, time.process_time() - c
+        if best is None or w < best[1]:
+            best = (out, w, c)
+    return best
+
+
+def max_abs_diff(a, b):
+    n = min(len(a["cmc"]), len(b["cmc"]))
+    return float(max(np.abs(np.asarray(a["cmc"][:n]) - b["cmc"][:n]).max(),
+                     np.abs(np.asarray(a["cmc_standard"][:n]) - b["cmc_standard"][:n]).max(),
+                     abs(a["mAP"] - b["mAP"]), abs(a["mINP"] - b["mINP"])))
+
+
+def summary(fast, ref, t_fast, t_ref):
+    diff = max_abs_diff(fast, ref)
+    return dict(
+        evaluator_s=round(t_fast[0], 4), evaluator_cpu_s=round(t_fast[1], 4),
+        reference_s=round(t_ref[0], 4), reference_cpu_s=round(t_ref[1], 4),
+        speedup=round(t_ref[0] / t_fast[0], 1), speedup_cpu=round(t_ref[1] / max(t_fast[1], 1e-9), 1),
+        max_abs_diff=diff, identical_within_1e_6=bool(diff <= 1e-6 and fast["num_valid_queries"] == ref["num_valid_queries"]),
+    )
+
+
+def run_case(name, scale, repeat, rng):
+    dist, q_pids, g_pids, q_cams, g_cams, protocol = make_case(name, scale, rng)
+    fast, tw, tc = timed(lambda: evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol), repeat)
+    ref, rw, rc = timed(lambda: reference_evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol))
+    out = dict(name=name, protocol=protocol, shape=list(dist.shape))
+    out.update(summary(fast, ref, (tw, tc), (rw, rc)))
+    out.update(rank1=round(float(fast["cmc"][0]), 4), mAP=round(fast["mAP"], 4), mINP=round(fast["mINP"], 4),
+               num_valid_queries=fast["num_valid_queries"])
+    if torch.cuda.is_available():
+        d = torch.from_numpy(dist).cuda()
+        labels = [torch.from_numpy(x).cuda() for x in (q_pids, g_pids, q_cams, g_cams)]
+        evaluate(d, *labels, protocol=protocol)
+        torch.cuda.synchronize()
+        _, gw, _ = timed(lambda: (evaluate(d, *labels, protocol=protocol), torch.cuda.synchronize()), repeat)
+        out["evaluator_cuda_s"] = round(gw, 4)
+    return out
+
+
+def run_sysu_trials(scale, repeat, rng, n_trials=10):
+    """10 single-shot trials drawn from all SYSU gallery candidates (about 6,800 images)."""
+    n_ids = 96
+    per_pair = rng.integers(10, 25, size=(n_ids, 4)) * (rng.random((n_ids, 4)) < 0.78)
+    g_pids = np.repeat(np.repeat(np.arange(n_ids), 4), per_pair.reshape(-1))
+    g_cams = np.repeat(np.tile([1, 2, 4, 5], n_ids), per_pair.reshape(-1))
+    nq = int(3803 * scale)
+    q_pids, q_cams = rng.integers(0, n_ids, nq), rng.choice([3, 6], nq)
+    dist = distance(rng, q_pids, g_pids, n_ids, NOISE["sysu"])
+    start = np.cumsum(per_pair.reshape(-1)) - per_pair.reshape(-1)
+    present = np.flatnonzero(per_pair.reshape(-1))
+    trials = [start[present] + rng.integers(0, per_pair.reshape(-1)[present]) for _ in range(n_trials)]
+
+    def fast_all():
+        return evaluate_trials(dist, q_pids, g_pids, q_cams, g_cams, trials, "sysu")
+
+    def reference_all():
+        return [reference_evaluate(dist[:, t], q_pids, g_pids[t], q_cams, g_cams[t], "sysu") for t in trials]
+
+    fast, tw, tc = timed(fast_all, repeat)
+    ref, rw, rc = timed(reference_all)
+    diff = 0.0
+    for rec, r in zip(fast["per_trial"], ref):
+        diff = max(diff, float(np.abs(np.asarray(rec["cmc"]) - r["cmc"]).max()), abs(rec["mAP"] - r["mAP"]),
+                   abs(rec["mINP"] - r["mINP"]))
+    out = dict(name="sysu_10_trials", protocol="sysu", shape=list(dist.shape), trials=n_trials,
+               gallery_per_trial=int(len(trials[0])))
+    out.update(evaluator_s=round(tw, 4), evaluator_cpu_s=round(tc, 4), reference_s=round(rw, 4),
+               reference_cpu_s=round(rc, 4), speedup=round(rw / tw, 1), speedup_cpu=round(rc / max(tc, 1e-9), 1),
+               max_abs_diff=diff, identical_within_1e_6=bool(diff <= 1e-6),
+               rank1_mean=round(fast["mean"]["rank1"], 4), mAP_mean=round(fast["mean"]["mAP"], 4))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="quarter-size problems (smoke run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--repeat", type=int, default=3, help="evaluator runs per case; the fastest is kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", default="sysu_single_shot,sysu_multi_shot,regdb,llcm_like,llcm_like_hard,"
+                                           "market_like,sysu_10_trials", help="comma-separated subset")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    scale = 0.25 if args.quick else 1.0
+    rng = np.random.default_rng(args.seed)
+    results = []
+    for name in args.cases.split(","):
+        if name == "sysu_10_trials":
+            results.append(run_sysu_trials(scale, args.repeat, rng))
+        else:
+            results.append(run_case(name, scale, args.repeat, rng))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    report = dict(benchmark="bench_eval", quick=args.quick, threads=args.threads, repeat=args.repeat,
+                  torch=torch.__version__, numpy=np.__version__, cpu=platform.processor() or platform.machine(),
+                  cpu_count=os.cpu_count(), cuda=torch.cuda.is_available(), cases=results)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
