@@ -1,0 +1,58 @@
+"""Shared fixtures: small synthetic datasets in the real on-disk layouts (session-scoped).
+
+``synthetic_root(layout, **params)`` returns the root of a generated dataset (generated once
+per session for each distinct (layout, params)); treat it as read-only and copy it
+(``shutil.copytree``) before modifying anything. Parameters are those of
+``data.synthetic.write_sysu`` / ``write_regdb`` / ``write_llcm`` (``seed`` included), plus for
+SYSU ``preprocess=(W, H)`` to also write the training arrays.
+
+``tiny_demo_cfg`` is a frozen demo config whose DATASET.ROOT is a session temp folder with a
+small demo dataset (12 training + 8 test ids, 64x128 images) already generated.
+"""
+import os
+
+import pytest
+
+from data.synthetic import write_llcm, write_regdb, write_sysu
+
+SMALL = {
+    "sysu": dict(num_train=4, num_val=2, num_test=6, seed=0, images_per_cam=3),
+    "regdb": dict(num_ids=6, seed=0, images_per_id=3),
+    "llcm": dict(num_train=4, num_test=4, seed=0, images_per_cam=2),
+}
+_WRITERS = {"sysu": write_sysu, "regdb": write_regdb, "llcm": write_llcm}
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    cache = {}
+
+    def make(layout, **params):
+        preprocess = params.pop("preprocess", None)
+        merged = dict(SMALL[layout], **params)
+        key = (layout, tuple(sorted(merged.items())), tuple(preprocess) if preprocess else None)
+        if key not in cache:
+            root = str(tmp_path_factory.mktemp("%s_cam_data" % layout) / layout.upper())
+            _WRITERS[layout](root, **merged)
+            if preprocess:
+                from data.sysu import preprocess_sysu
+
+                preprocess_sysu(root, tuple(preprocess), progress=False)
+            cache[key] = root
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_cfg(tmp_path_factory):
+    from data.demo import ensure_demo_dataset
+    from utils.config import build_config
+
+    root = os.path.join(str(tmp_path_factory.mktemp("demo")), "demo")
+    cfg = build_config("demo", opts=[
+        "DATASET.ROOT", root, "DATASET.DEMO_TRAIN_IDS", "12", "DATASET.DEMO_TEST_IDS", "8",
+        "DATALOADER.NUM_WORKERS", "0", "DATALOADER.NUM_IDS", "4", "DATALOADER.NUM_POS", "2",
+    ])
+    ensure_demo_dataset(cfg)
+    return cfg
