@@ -202,7 +202,7 @@ _C.TEST.SHOTS = 1
 # Number of gallery trials (SYSU, LLCM) averaged in the report.
 _C.TEST.NUM_TRIALS = 10
 # Horizontal-flip test-time augmentation, and how the two L2-normalised outputs combine:
-# "sum" (released, not renormalised) or "mean".
+# "sum" (released, not renormalised) or "mean" (averaged and L2-normalised again, as CAJ).
 _C.TEST.FLIP = True
 _C.TEST.FLIP_MODE = "sum"
 # Embedding used for ranking: "sum6" (released: sum of the 6 similarities), "mix" (0.1 pool +
@@ -216,6 +216,9 @@ _C.TEST.RERANK = False
 _C.TEST.RERANK_K1 = 20
 _C.TEST.RERANK_K2 = 6
 _C.TEST.RERANK_LAMBDA = 0.3
+# Expansion rule of re-ranking: "released" (the re-ranking authors' code, whose numbers papers
+# report) or "paper" (the ">= 2/3" overlap test as written in the paper).
+_C.TEST.RERANK_EXPANSION = "released"
 # Images per batch during feature extraction.
 _C.TEST.BATCH_SIZE = 64
 # Feature-extraction workers.

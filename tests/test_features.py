@@ -1,0 +1,269 @@
+"""utils/features.py: extraction layout, flip TTA, feature choices, split evaluation, save/load.
+
+A small linear stand-in model (flip- and modality-sensitive) keeps these tests fast; the real
+models are exercised end to end in tests/test_test_py.py.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from data import DatasetError
+from reference_eval import reference_evaluate
+from utils.config import build_config
+from utils.features import (
+    FEATURE_SETS,
+    distance_from_features,
+    evaluate_features,
+    extract_features,
+    feature_weights,
+    load_features,
+    save_features,
+    stack_features,
+    used_gallery_columns,
+)
+
+torch.set_num_threads(1)
+
+H, W, D = 8, 4, 5
+
+
+class LinearReID(nn.Module):
+    """Eval forward like the project's models: (pool, bn), each [copies*N, D], L2-normalised."""
+
+    def __init__(self, copies):
+        super().__init__()
+        torch.manual_seed(0)
+        self.num_copies = copies
+        self.pool = nn.ModuleList(nn.Linear(3 * H * W, D) for _ in range(copies))
+        self.bn = nn.ModuleList(nn.Linear(D, D) for _ in range(copies))
+        self.ir_shift = nn.Parameter(torch.randn(3, H, W))
+        self.calls = []
+
+    def forward(self, x, modality="visible"):
+        self.calls.append((x.shape[0], modality, self.training))
+        if modality == "infrared":
+            x = x + self.ir_shift
+        pools = [p(x.flatten(1)) for p in self.pool]
+        bns = [b(p) for b, p in zip(self.bn, pools)]
+        return F.normalize(torch.cat(pools), dim=1), F.normalize(torch.cat(bns), dim=1)
+
+
+class Images(Dataset):
+    def __init__(self, n, seed=0):
+        self.x = torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i
+
+
+def make_cfg(*opts):
+    return build_config(None, opts=["TEST.BATCH_SIZE", "3", "TEST.NUM_WORKERS", "0"] + list(opts))
+
+
+def direct(model, x, modality):
+    """Per-set outputs of one model call on all images, in the released feat1..6 order."""
+    with torch.no_grad():
+        pool, bn = model(x, modality=modality)
+    n = x.shape[0]
+    out = {}
+    for c in range(model.num_copies):
+        out[FEATURE_SETS[2 * c]] = pool[c * n:(c + 1) * n]
+        out[FEATURE_SETS[2 * c + 1]] = bn[c * n:(c + 1) * n]
+    return out
+
+
+@pytest.mark.parametrize("copies,names", [(3, FEATURE_SETS), (1, ("pool_orig", "bn_orig"))])
+def test_layout_without_flip(copies, names):
+    model, data = LinearReID(copies), Images(7)
+    feats = extract_features(model, data, make_cfg(), "visible", "cpu", flip=False)
+    assert tuple(feats) == names
+    expected = direct(model, data.x, "visible")
+    for name in names:
+        assert feats[name].dtype == torch.float32 and feats[name].shape == (7, D)
+        torch.testing.assert_close(feats[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_flip_combines_normalised_outputs(mode):
+    model, data = LinearReID(3), Images(5)
+    feats = extract_features(model, data, make_cfg("TEST.FLIP_MODE", mode), "infrared", "cpu", flip=True)
+    plain = direct(model, data.x, "infrared")
+    mirrored = direct(model, data.x.flip(3), "infrared")
+    for name in FEATURE_SETS:
+        both = plain[name] + mirrored[name]
+        expected = both if mode == "sum" else both / both.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(feats[name], expected, rtol=1e-5, atol=1e-6)
+    norms = feats["bn_orig"].norm(dim=1)
+    if mode == "sum":  # summed unit vectors are not renormalised (released): norms in (1, 2]
+        assert torch.all(norms <= 2 + 1e-5) and torch.all(norms > 1)
+    else:
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_config_flip_default_modality_and_mode_restored():
+    model, data = LinearReID(3), Images(4)
+    model.train()
+    feats = extract_features(model, data, make_cfg("TEST.FLIP", "True"), "infrared", "cpu")
+    assert model.training
+    assert all(m == "infrared" and not training for _, m, training in model.calls)
+    assert len(model.calls) == 2 * 2  # two batches of <= 3, each also mirrored
+    assert feats["pool_orig"].norm(dim=1).max() > 1.01  # flipped sum
+
+
+def test_bf16_autocast_close_to_fp32():
+    model, data = LinearReID(3), Images(6)
+    f32 = extract_features(model, data, make_cfg(), "visible", "cpu", flip=False)
+    b16 = extract_features(model, data, make_cfg("TEST.AMP", "bf16"), "visible", "cpu", flip=False)
+    for name in FEATURE_SETS:
+        assert b16[name].dtype == torch.float32
+        torch.testing.assert_close(b16[name], f32[name], rtol=0, atol=3e-2)
+
+
+def test_bad_options_and_missing_image(tmp_path):
+    model = LinearReID(3)
+    with pytest.raises(ValueError, match="TEST.FLIP_MODE"):
+        extract_features(model, Images(2), make_cfg("TEST.FLIP_MODE", "max"), "visible", "cpu")
+    with pytest.raises(ValueError, match="modality"):
+        extract_features(model, Images(2), make_cfg(), "thermal", "cpu")
+    missing = str(tmp_path / "cam1" / "0001" / "0001.jpg")
+    with pytest.raises(DatasetError, match="0001.jpg"):
+        extract_features(model, [missing], make_cfg(), "visible", "cpu")
+    with pytest.raises(ValueError, match="TEST.FEATURE"):
+        feature_weights("concat", FEATURE_SETS)
+
+
+def random_feats(n, seed, sets=FEATURE_SETS):
+    g = torch.Generator().manual_seed(seed)
+    return {name: F.normalize(torch.randn(n, D, generator=g), dim=1) for name in sets}
+
+
+def test_sum6_is_sum_of_six_inner_products_and_one_concat_matmul():
+    q, g = random_feats(6, 1), random_feats(9, 2)
+    dist = distance_from_features(q, g, "sum6", "cosine")
+    six = sum(q[n] @ g[n].T for n in FEATURE_SETS)
+    torch.testing.assert_close(dist, -six, rtol=1e-5, atol=1e-5)
+    concat = -(torch.cat([q[n] for n in FEATURE_SETS], 1) @ torch.cat([g[n] for n in FEATURE_SETS], 1).T)
+    torch.testing.assert_close(dist, concat, rtol=1e-6, atol=1e-6)
+    assert dist.dtype == torch.float32 and dist.shape == (6, 9)
+
+
+def test_mix_weights_and_subsets():
+    q, g = random_feats(4, 3), random_feats(5, 4)
+    sim = {n: q[n] @ g[n].T for n in FEATURE_SETS}
+    pool = sim["pool_orig"] + sim["pool_br1"] + sim["pool_br2"]
+    bn = sim["bn_orig"] + sim["bn_br1"] + sim["bn_br2"]
+    expected = {"mix": 0.1 * pool + 0.9 * bn, "pool": pool, "bn": bn,
+                "orig": sim["pool_orig"] + sim["bn_orig"]}
+    for feature, sims in expected.items():
+        torch.testing.assert_close(distance_from_features(q, g, feature), -sims, rtol=1e-5, atol=1e-5)
+    # the baseline's two sets: sum6 -> both, mix -> 0.1 / 0.9
+    qb, gb = random_feats(4, 5, FEATURE_SETS[:2]), random_feats(5, 6, FEATURE_SETS[:2])
+    torch.testing.assert_close(distance_from_features(qb, gb, "mix"),
+                               -(0.1 * qb["pool_orig"] @ gb["pool_orig"].T + 0.9 * qb["bn_orig"] @ gb["bn_orig"].T),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_euclidean_uses_weighted_concatenation():
+    q, g = random_feats(4, 7), random_feats(6, 8)
+    dist = distance_from_features(q, g, "mix", "euclidean").double()
+    sq = sum((0.1 if n.startswith("pool") else 0.9) * torch.cdist(q[n].double(), g[n].double()) ** 2
+             for n in FEATURE_SETS)
+    # squared or plain euclidean distance, either way a monotone function of sq
+    assert torch.allclose(dist, sq, atol=1e-5) or torch.allclose(dist, sq.sqrt(), atol=1e-5)
+    assert stack_features(q, "mix").shape == (4, 6 * D)
+
+
+class _List:
+    def __init__(self, pids, camids):
+        self.pids, self.camids = np.asarray(pids), np.asarray(camids)
+        self.paths = ["img_%d.jpg" % i for i in range(len(self.pids))]
+
+    def __len__(self):
+        return len(self.pids)
+
+
+class _Split:
+    """A TestSplit stand-in: 24 gallery candidates, 3 trials using 8 of them each."""
+
+    def __init__(self, protocol):
+        rng = np.random.default_rng(0)
+        self.query = _List(rng.integers(0, 12, 10), rng.choice([3, 6], 10))
+        self.gallery = _List(np.repeat(np.arange(12), 2), np.tile([1, 2], 12))
+        self.trials = [np.sort(rng.choice(24, 8, replace=False)) for _ in range(3)]
+        self.trials[0] = np.arange(0, 24, 2)
+        self.protocol = protocol
+        self.query_modality, self.gallery_modality = "infrared", "visible"
+        self.info = {"dataset": "fake"}
+
+
+def test_used_columns_remap_trials():
+    split = _Split("sysu")
+    used, trials = used_gallery_columns(split)
+    assert np.all(np.diff(used) > 0)
+    for t, mapped in zip(split.trials, trials):
+        np.testing.assert_array_equal(used[mapped], t)
+
+
+@pytest.mark.parametrize("protocol", ["sysu", "regdb"])
+def test_evaluate_features_matches_loop_reference_per_trial(protocol):
+    split = _Split(protocol)
+    used, trials = used_gallery_columns(split)
+    q = random_feats(len(split.query), 11)
+    g = random_feats(len(used), 12)
+    cfg = make_cfg("TEST.MAX_RANK", "5")
+    result = evaluate_features(q, g, split, cfg, used, trials)
+    qn = np.concatenate([q[n].numpy() for n in FEATURE_SETS], 1).astype(np.float64)
+    gn = np.concatenate([g[n].numpy() for n in FEATURE_SETS], 1).astype(np.float64)
+    for t, cols in enumerate(trials):
+        ref = reference_evaluate(-(qn @ gn[cols].T), split.query.pids, split.gallery.pids[used][cols],
+                                 split.query.camids, split.gallery.camids[used][cols], protocol, max_rank=5)
+        got = result["per_trial"][t]
+        assert got["rank1"] == pytest.approx(ref["cmc"][0], abs=1e-6)
+        assert got["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
+        assert got["mINP"] == pytest.approx(ref["mINP"], abs=1e-6)
+        np.testing.assert_allclose(got["cmc"], ref["cmc"], atol=1e-6)
+    assert result["distmat"].shape == (len(split.query), len(used))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    split = _Split("sysu")
+    used, trials = used_gallery_columns(split)
+    q, g = random_feats(len(split.query), 1), random_feats(len(used), 2)
+    save_features(tmp_path, split, q, g, used, trials, {"feature": "sum6"})
+    back = load_features(tmp_path)
+    for name in FEATURE_SETS:
+        assert torch.equal(back["query"][name], q[name]) and torch.equal(back["gallery"][name], g[name])
+    np.testing.assert_array_equal(back["gallery_pids"], split.gallery.pids[used])
+    np.testing.assert_array_equal(back["query_camids"], split.query.camids)
+    assert back["split"]["gallery_paths"] == [split.gallery.paths[i] for i in used]
+    for a, b in zip(back["trials"], trials):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="split.json"):
+        load_features(tmp_path / "nowhere")
+
+
+def test_rerank_applies_k_reciprocal_per_trial():
+    from utils.rerank import k_reciprocal_rerank
+
+    split = _Split("regdb")
+    used, trials = used_gallery_columns(split)
+    q = random_feats(len(split.query), 21)
+    g = random_feats(len(used), 22)
+    cfg = make_cfg("TEST.MAX_RANK", "5", "TEST.RERANK", "True", "TEST.RERANK_K1", "4", "TEST.RERANK_K2", "2")
+    result = evaluate_features(q, g, split, cfg, used, trials)
+    qn = torch.cat([q[n] for n in FEATURE_SETS], 1)
+    gn = torch.cat([g[n] for n in FEATURE_SETS], 1)
+    for t, cols in enumerate(trials):
+        gc = gn[cols]
+        d = k_reciprocal_rerank(-(qn @ gc.T), -(qn @ qn.T), -(gc @ gc.T), k1=4, k2=2, lambda_value=0.3,
+                                    expansion=cfg.TEST.RERANK_EXPANSION)
+        ref = reference_evaluate(d.numpy(), split.query.pids, split.gallery.pids[used][cols],
+                                 split.query.camids, split.gallery.camids[used][cols], "regdb", max_rank=5)
+        assert result["per_trial"][t]["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
+    assert result["reranked"]
