@@ -40,6 +40,14 @@ def test_atomic_replaces_existing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.npy"]
 
 
+def test_atomic_files_get_the_usual_mode(tmp_path):
+    target = tmp_path / "m.npy"
+    save_npy(target, np.zeros(2))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_json_helpers(tmp_path):
     save_json(tmp_path / "r.json", {"a": 1})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}

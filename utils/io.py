@@ -9,6 +9,12 @@ import os
 import tempfile
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
@@ -19,6 +25,8 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp creates 0600 files; give the result the mode a plain open() would have
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
