@@ -1,0 +1,87 @@
+"""train.py robustness: a non-finite loss stops the run naming the step and the last good
+checkpoint; a run directory that holds a run is not reused without --resume / --overwrite;
+clear errors for resume without a checkpoint and for inconsistent selection settings."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import loss as loss_pkg
+import train
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config import ConfigError
+from utils.run_dir import RunDirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_opts(data_root, out_dir, **extra):
+    opts = {
+        "OUTPUT_DIR": out_dir, "DATASET.ROOT": data_root,
+        "DATASET.DEMO_TRAIN_IDS": 10, "DATASET.DEMO_TEST_IDS": 6,
+        "INPUT.SIZE_TRAIN": "[64,32]", "INPUT.SIZE_TEST": "[64,32]",
+        "DATALOADER.NUM_IDS": 4, "DATALOADER.NUM_POS": 2, "DATALOADER.NUM_WORKERS": 0,
+        "SOLVER.ITERS_PER_EPOCH": 2, "SOLVER.MAX_EPOCHS": 3, "SOLVER.WARMUP_EPOCHS": 1,
+        "SOLVER.BASE_LR": 0.01, "SOLVER.LOG_PERIOD": 1, "SOLVER.EVAL_BEFORE_TRAIN": False,
+        "SOLVER.EVAL_START": 5, "TEST.NUM_TRIALS": 1, "TEST.BATCH_SIZE": 64,
+    }
+    opts.update(extra)
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.getbasetemp() / "demo_tiny")
+
+
+class NanAtCall:
+    def __init__(self, inner, at):
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        total, terms = self.inner(*args)
+        if self.calls == self.at:
+            total = total * float("nan")
+            terms = dict(terms, tri=float("nan"), total=float("nan"))
+        return total, terms
+
+
+def test_nan_loss_stops_the_run(tmp_path, data_root, monkeypatch):
+    build = loss_pkg.build_loss
+    monkeypatch.setattr(loss_pkg, "build_loss", lambda cfg: NanAtCall(build(cfg), at=3))
+    out = str(tmp_path / "run")
+    with pytest.raises(train.NonFiniteError) as err:
+        train.main(["--dataset", "demo"] + tiny_opts(data_root, out))
+    msg = str(err.value)
+    assert "epoch 1, iteration 0 (global step 2)" in msg and "tri=nan" in msg
+    assert "Last good checkpoint: %s (epoch 0)" % os.path.join(out, "last.pth") in msg
+    assert load_checkpoint(os.path.join(out, "last.pth"))["epoch"] == 0  # the NaN state was not saved
+    assert "non-finite loss at epoch 1" in open(os.path.join(out, "train.log")).read()
+
+
+def test_absurd_learning_rate_exits_with_a_clear_error(tmp_path, data_root):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "demo"]
+    cmd += tiny_opts(data_root, out, **{"SOLVER.BASE_LR": 1e30, "SOLVER.WARMUP_EPOCHS": 0, "SOLVER.MAX_EPOCHS": 2})
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: non-finite loss at epoch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_directory_guard_and_resume_errors(tmp_path, data_root):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("earlier run\n")
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train.main(["--dataset", "demo"] + tiny_opts(data_root, str(out)))
+    assert (out / "config.yaml").read_text() == "earlier run\n"
+    with pytest.raises(CheckpointError, match="no checkpoint at .*last.pth"):
+        train.main(["--dataset", "demo", "--resume"] + tiny_opts(data_root, str(out)))
+    with pytest.raises(ConfigError, match="DATASET.VAL_IDS"):
+        train.main(["--dataset", "demo"] + tiny_opts(data_root, str(tmp_path / "x"), **{"SOLVER.SELECT_BY": "val"}))
+    with pytest.raises(ConfigError, match="BEST_METRIC"):
+        train.main(["--dataset", "demo"] + tiny_opts(data_root, str(tmp_path / "x"), **{"SOLVER.BEST_METRIC": "R1"}))

@@ -1,0 +1,131 @@
+"""Speed switches of train.py on CPU, a few steps each (tiny demo config): bf16 autocast +
+channels_last, the fp16 GradScaler path, torch.compile, and the configuration errors for
+fp16 / SyncBN on a CPU."""
+import os
+import time
+
+import pytest
+import torch
+
+import loss as loss_pkg
+import model as model_pkg
+import train
+from utils.checkpoint import load_checkpoint
+from utils.config import ConfigError
+from utils.run_dir import read_metrics
+from utils.training import MixedPrecision
+
+
+def tiny_opts(data_root, out_dir, **extra):
+    opts = {
+        "OUTPUT_DIR": out_dir, "DATASET.ROOT": data_root,
+        "DATASET.DEMO_TRAIN_IDS": 10, "DATASET.DEMO_TEST_IDS": 6,
+        "INPUT.SIZE_TRAIN": "[64,32]", "INPUT.SIZE_TEST": "[64,32]",
+        "DATALOADER.NUM_IDS": 4, "DATALOADER.NUM_POS": 2, "DATALOADER.NUM_WORKERS": 0,
+        "SOLVER.ITERS_PER_EPOCH": 2, "SOLVER.MAX_EPOCHS": 1, "SOLVER.WARMUP_EPOCHS": 1,
+        "SOLVER.BASE_LR": 0.01, "SOLVER.LOG_PERIOD": 1, "SOLVER.EVAL_BEFORE_TRAIN": False,
+        "TEST.NUM_TRIALS": 1, "TEST.BATCH_SIZE": 64,
+    }
+    opts.update(extra)
+    return [str(x) for kv in opts.items() for x in kv]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.getbasetemp() / "demo_tiny")
+
+
+class Recorder:
+    """Criterion wrapper recording the dtype of the features and the loss terms of every step."""
+
+    def __init__(self, inner):
+        self.inner, self.dtypes, self.terms = inner, [], []
+
+    def __call__(self, feat, *args):
+        self.dtypes.append(feat.dtype)
+        total, terms = self.inner(feat, *args)
+        self.terms.append(terms)
+        return total, terms
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    seen = {}
+    build_loss, build_model = loss_pkg.build_loss, model_pkg.build_model
+
+    def record_loss(cfg):
+        seen["criterion"] = Recorder(build_loss(cfg))
+        return seen["criterion"]
+
+    def record_model(cfg, num_classes):
+        seen["model"] = build_model(cfg, num_classes)
+        return seen["model"]
+
+    monkeypatch.setattr(loss_pkg, "build_loss", record_loss)
+    monkeypatch.setattr(model_pkg, "build_model", record_model)
+    return seen
+
+
+def test_bf16_channels_last_overwriting_an_earlier_run(tmp_path, data_root, recorded):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.yaml", "last.pth", "metrics.jsonl"):
+        (out / name).write_text("an earlier run\n")
+    (out / "keep.txt").write_text("not a run file\n")
+    opts = tiny_opts(data_root, str(out), **{"SOLVER.AMP": "bf16", "SOLVER.CHANNELS_LAST": True})
+    assert train.main(["--dataset", "demo", "--overwrite"] + opts) == 0
+    criterion = recorded["criterion"]
+    assert criterion.dtypes == [torch.bfloat16, torch.bfloat16]
+    assert all(torch.isfinite(torch.tensor(t["total"])) for t in criterion.terms)
+    convs = [m for m in recorded["model"].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert load_checkpoint(str(out / "last.pth"))["epoch"] == 0
+    assert [r["epoch"] for r in read_metrics(str(out / "metrics.jsonl"))] == [0]
+    assert (out / "keep.txt").exists()
+    assert "overwrote 3 files" in (out / "train.log").read_text()
+
+
+class ScaledCpu(MixedPrecision):
+    """An enabled GradScaler on the CPU, to run the fp16 loss-scaling code path here (train.py
+    refuses fp16 on a CPU). fp16 CPU kernels are emulated (minutes per step), and the scaler
+    logic does not depend on the autocast dtype, so the steps run under bf16 autocast."""
+
+    def __init__(self, mode, device_type):
+        super().__init__("bf16" if mode == "fp16" else mode, device_type)
+        if mode == "fp16":
+            self.mode = "fp16"
+            self.scaler = torch.amp.GradScaler(device_type, init_scale=2.0 ** 10)
+
+
+def test_fp16_gradscaler_path_and_resume(tmp_path, data_root, recorded, monkeypatch):
+    monkeypatch.setattr(train, "MixedPrecision", ScaledCpu)
+    out = str(tmp_path / "run")
+    opts = tiny_opts(data_root, out, **{"SOLVER.AMP": "fp16"})
+    assert train.main(["--dataset", "demo"] + opts) == 0
+    assert recorded["criterion"].dtypes == [torch.bfloat16, torch.bfloat16]
+    scaler = load_checkpoint(os.path.join(out, "last.pth"))["scaler"]
+    assert scaler["scale"] == 2.0 ** 10 and scaler["_growth_tracker"] == 2  # two scaled, finite steps
+    # the scaler state goes back in on resume and keeps counting
+    assert train.main(["--dataset", "demo", "--resume"] + opts + ["SOLVER.MAX_EPOCHS", "2"]) == 0
+    scaler = load_checkpoint(os.path.join(out, "last.pth"))["scaler"]
+    assert scaler["_growth_tracker"] == 4
+
+
+def test_fp16_and_sync_bn_on_cpu_are_config_errors(tmp_path, data_root):
+    out = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        train.main(["--dataset", "demo"] + tiny_opts(data_root, out, **{"SOLVER.AMP": "fp16"}))
+    with pytest.raises(ConfigError, match="SYNC_BN needs CUDA"):
+        train.main(["--dataset", "demo"] + tiny_opts(data_root, out, **{"SOLVER.SYNC_BN": True}))
+    assert not os.path.exists(out)  # rejected before anything was written
+
+
+@pytest.mark.skipif(not os.environ.get("CMFN_TEST_COMPILE"), reason="torch.compile of the CMFN takes minutes on a "
+                    "2-core CPU; set CMFN_TEST_COMPILE=1 to run it")
+def test_compile(tmp_path, data_root, recorded):
+    out = str(tmp_path / "run")
+    start = time.time()
+    assert train.main(["--dataset", "demo"] + tiny_opts(data_root, out, **{"SOLVER.COMPILE": True})) == 0
+    print("compile run: %.1fs" % (time.time() - start))
+    assert len(recorded["criterion"].terms) == 2
+    assert "compile True" in open(os.path.join(out, "train.log")).read()
