@@ -408,10 +408,11 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
                 if dropped:
                     logger.info("dropped %d metrics.jsonl records of epochs after the checkpoint", dropped)
         if cfg.SOLVER.COMPILE:
-            train_model = torch.compile(train_model)
-        logger.info("model %s/%s: %.2fM parameters, %d classes; AMP %s, channels_last %s, compile %s",
+            train_model = torch.compile(train_model, backend=cfg.SOLVER.COMPILE_BACKEND)
+        logger.info("model %s/%s: %.2fM parameters, %d classes; AMP %s, channels_last %s, compile %s%s",
                     cfg.MODEL.NAME, cfg.MODEL.BACKBONE, sum(p.numel() for p in model.parameters()) / 1e6,
-                    train_set.num_classes, cfg.SOLVER.AMP, cfg.SOLVER.CHANNELS_LAST, cfg.SOLVER.COMPILE)
+                    train_set.num_classes, cfg.SOLVER.AMP, cfg.SOLVER.CHANNELS_LAST, cfg.SOLVER.COMPILE,
+                    " (%s)" % cfg.SOLVER.COMPILE_BACKEND if cfg.SOLVER.COMPILE else "")
 
         if cfg.SOLVER.EVAL_BEFORE_TRAIN and not resuming:
             if ctx.is_main:

@@ -173,6 +173,9 @@ _C.SOLVER.AMP = "none"
 _C.SOLVER.CHANNELS_LAST = False
 # torch.compile the model.
 _C.SOLVER.COMPILE = False
+# torch.compile backend: "inductor" (generates fused kernels) or "aot_eager" (traces the
+# forward and backward graphs without code generation; for checking that a model compiles).
+_C.SOLVER.COMPILE_BACKEND = "inductor"
 # SyncBatchNorm across DDP processes (GPU only).
 _C.SOLVER.SYNC_BN = False
 # Evaluate every this many epochs (released: every epoch from epoch 1 on).
