@@ -223,8 +223,13 @@ def train_one_epoch(train_model, loader, criterion, optimizer, amp, cfg, ctx, pr
     lr = optimizer.param_groups[0]["lr"]
     total_iters = len(loader)
     batch_iter = iter(loader)
-    for _ in range(progress.iteration):
-        next(batch_iter)  # replays the data stream (and the workers' RNG) of the skipped steps
+    if progress.iteration:
+        # Load (and drop) the batches the interrupted run already trained on, so that the
+        # loader continues exactly where it stopped, whatever its workers' state.
+        logger.info("resuming epoch %d at iteration %d: replaying %d batches of data", epoch, progress.iteration,
+                    progress.iteration)
+        for _ in range(progress.iteration):
+            next(batch_iter)
     if rng_after_skip is not None:
         restore_rng_state(rng_after_skip)
     train_model.train()
@@ -250,8 +255,8 @@ def train_one_epoch(train_model, loader, criterion, optimizer, amp, cfg, ctx, pr
         if any_bad:
             check_finite_loss(losses, epoch, iteration, progress.global_step, progress.last_saved)
             raise NonFiniteError("non-finite loss on another process at epoch %d, iteration %d (global step %d). "
-                                     "Last good checkpoint: %s" % (epoch, iteration, progress.global_step,
-                                                                   progress.last_saved or "none written yet"))
+                                 "Last good checkpoint: %s" % (epoch, iteration, progress.global_step,
+                                                               progress.last_saved or "none written yet"))
         optimizer.zero_grad(set_to_none=True)
         amp.scaler.scale(loss).backward()
         amp.scaler.step(optimizer)
@@ -303,7 +308,8 @@ def make_state(model, optimizer, scheduler, amp, cfg, num_classes, progress, com
     )
 
 
-def save_last(state, run_dir, progress, logger, also_best=False):
+def save_last(state, run_dir, progress, also_best=False):
+    """Write last.pth (and best.pth); remember it as the last good checkpoint."""
     path = os.path.join(run_dir, LAST_CHECKPOINT)
     save_checkpoint(path, state)
     progress.last_saved = "%s (epoch %d%s)" % (
@@ -427,7 +433,7 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
                 if any_across_ranks(ctx, [stop.requested])[0]:
                     if ctx.is_main:
                         save_last(make_state(model, optimizer, scheduler, amp, cfg, num_classes, progress, epoch - 1,
-                                             ctx), run_dir, progress, logger)
+                                             ctx), run_dir, progress)
                     logger.warning("stopped by signal %d before epoch %d; resumable checkpoint %s", stop.signum,
                                    epoch, progress.last_saved)
                     barrier(ctx)
@@ -441,7 +447,7 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
                 if stopped:
                     if ctx.is_main:
                         save_last(make_state(model, optimizer, scheduler, amp, cfg, num_classes, progress, epoch - 1,
-                                             ctx), run_dir, progress, logger)
+                                             ctx), run_dir, progress)
                         logger.warning("stopped by signal %d in epoch %d after %d iterations; resume with --resume "
                                        "(checkpoint %s)", stop.signum, epoch, progress.iteration, progress.last_saved)
                     barrier(ctx)
@@ -466,7 +472,7 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
                         improved = True
                         progress.best_epoch = epoch
                     save_last(make_state(model, optimizer, scheduler, amp, cfg, num_classes, progress, epoch, ctx),
-                              run_dir, progress, logger, also_best=improved)
+                              run_dir, progress, also_best=improved)
                     if improved and cfg.SOLVER.SELECT_BY != "last":
                         logger.info("new best %s %s %.2f%% at epoch %d -> %s", cfg.SOLVER.SELECT_BY,
                                     cfg.SOLVER.BEST_METRIC, 100 * progress.best_value, epoch, BEST_CHECKPOINT)

@@ -55,7 +55,8 @@ def test_torchrun_two_processes_gloo(tmp_path_factory):
         "INPUT.SIZE_TRAIN": "[64,32]", "INPUT.SIZE_TEST": "[64,32]",
         "DATALOADER.NUM_IDS": 4, "DATALOADER.NUM_POS": 2, "DATALOADER.NUM_WORKERS": 0,
         "SOLVER.ITERS_PER_EPOCH": 2, "SOLVER.MAX_EPOCHS": 1, "SOLVER.WARMUP_EPOCHS": 1,
-        "SOLVER.BASE_LR": 0.01, "SOLVER.LOG_PERIOD": 1, "SOLVER.EVAL_BEFORE_TRAIN": True,
+        "SOLVER.BASE_LR": 0.01, "SOLVER.LOG_PERIOD": 1, "SOLVER.EVAL_START": 1, "SOLVER.EVAL_PERIOD": 1,
+        "SOLVER.EVAL_BEFORE_TRAIN": True,
         "TEST.NUM_TRIALS": 1, "TEST.BATCH_SIZE": 64,
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -184,7 +184,7 @@ def test_parse_args_recovers_flags_and_overrides():
 def test_config_differences():
     a = build_config("demo", freeze=False)
     b = build_config("demo", opts=["SOLVER.MAX_EPOCHS", "3"], freeze=False)
-    assert train.config_differences(a, b) == ["SOLVER.MAX_EPOCHS: 10 -> 3"]
+    assert train.config_differences(a, b) == ["SOLVER.MAX_EPOCHS: 13 -> 3"]
 
 
 def test_evaluation_schedule():
