@@ -108,7 +108,8 @@ def test_loader_batches_and_worker_independence(tiny_demo_cfg):
     batches = list(loader)
     assert len(batches) == 3
     v, i, lv, li = batches[0]
-    assert v.shape == (8, 3, 128, 64) and i.shape == (8, 3, 128, 64) and v.dtype == torch.float32
+    size = (8, 3) + tuple(cfg.INPUT.SIZE_TRAIN)
+    assert v.shape == size and i.shape == size and v.dtype == torch.float32
     assert lv.dtype == torch.int64 and torch.equal(lv, li)
     assert torch.equal(lv[0::2], lv[1::2])  # runs of K = 2
     sampler.set_epoch(1)

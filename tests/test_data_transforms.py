@@ -60,7 +60,8 @@ def test_grayscale_flip_and_probabilities():
 
 
 def test_color_jitter_changes_colours_and_is_seeded():
-    cfg = _cfg("INPUT.PADDING", "0", "INPUT.GRAYSCALE_PROB", "0.0", "INPUT.FLIP_PROB", "0.0", "INPUT.ERASE_PROB", "0.0")
+    cfg = _cfg("INPUT.PADDING", "0", "INPUT.GRAYSCALE_PROB", "0.0", "INPUT.FLIP_PROB", "0.0", "INPUT.ERASE_PROB", "0.0",
+               "INPUT.COLOR_JITTER", "[0.5, 0.5, 0.5, 0.5]")
     t = TrainTransform(cfg, "visible")
     img = _image()
     a = t(img, torch.Generator().manual_seed(3))
