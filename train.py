@@ -32,6 +32,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from data.errors import DatasetError
 from utils.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from utils.config import (ConfigError, add_config_arguments, config_from_args, config_from_string,
                           default_output_dir, get_default_config, merge_from_list)
@@ -45,6 +46,8 @@ from utils.training import (GracefulStop, MixedPrecision, NonFiniteError, captur
                             check_finite_loss, check_finite_state, configure_determinism, restore_rng_state,
                             seed_epoch, seed_everything)
 
+# Errors with a message that says it all: one line on stderr (and in train.log), no traceback.
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, RunDirError, NonFiniteError)
 METRIC_KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 SELECT_BY = ("test", "val", "last")
 
@@ -362,8 +365,6 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
     tb = TensorboardWriter(run_dir, enabled=ctx.is_main)
     metrics_path = os.path.join(run_dir, METRICS_FILE)
     try:
-        if ctx.is_main:
-            save_text(os.path.join(run_dir, CONFIG_FILE), cfg.dump())
         logger.info("command: %s", " ".join(sys.argv))
         logger.info("run directory %s%s; device %s, %d process(es)%s", run_dir,
                     " (overwrote %d files of an earlier run)" % len(removed) if removed else "",
@@ -419,6 +420,11 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
                     cfg.MODEL.NAME, cfg.MODEL.BACKBONE, sum(p.numel() for p in model.parameters()) / 1e6,
                     train_set.num_classes, cfg.SOLVER.AMP, cfg.SOLVER.CHANNELS_LAST, cfg.SOLVER.COMPILE,
                     " (%s)" % cfg.SOLVER.COMPILE_BACKEND if cfg.SOLVER.COMPILE else "")
+
+        if ctx.is_main:
+            # written once the data and the model are in place: a run that fails to start
+            # leaves no config.yaml behind, so rerunning it needs no --overwrite
+            save_text(os.path.join(run_dir, CONFIG_FILE), cfg.dump())
 
         if cfg.SOLVER.EVAL_BEFORE_TRAIN and not resuming:
             if ctx.is_main:
@@ -489,8 +495,9 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
             logger.info("finished %d epochs; last.pth = best.pth (SOLVER.SELECT_BY %s)", cfg.SOLVER.MAX_EPOCHS,
                         cfg.SOLVER.SELECT_BY)
         return 0
-    except NonFiniteError as exc:
+    except USER_ERRORS as exc:
         logger.error("%s", exc)
+        exc.logged = True
         raise
     finally:
         tb.close()
@@ -512,8 +519,9 @@ def main(argv=None):
 def cli():
     try:
         return main()
-    except (ConfigError, CheckpointError, RunDirError, NonFiniteError) as exc:
-        print("error: %s" % exc, file=sys.stderr)
+    except USER_ERRORS as exc:
+        if not getattr(exc, "logged", False):
+            print("error: %s" % exc, file=sys.stderr)
         return 1
 
 

@@ -136,9 +136,11 @@ def test_logger_rank0_file_and_silent_other_ranks(tmp_path, capsys):
     log_file = str(tmp_path / "train.log")
     logger = setup_logger(log_file, rank=0, name="cmfn-test")
     logger.info("hello %d", 1)
+    logger.warning("careful")
     close_logger(logger)
-    assert "hello 1" in open(log_file).read()
-    assert "hello 1" in capsys.readouterr().out
+    assert "hello 1" in open(log_file).read() and "WARNING careful" in open(log_file).read()
+    printed = capsys.readouterr()
+    assert "hello 1" in printed.out and "careful" in printed.err
     logger = setup_logger(str(tmp_path / "rank1.log"), rank=1, name="cmfn-test")
     logger.info("quiet")
     logger.warning("quiet too")

@@ -9,6 +9,7 @@ import pytest
 
 import loss as loss_pkg
 import train
+from data.errors import DatasetError
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError
 from utils.run_dir import RunDirError
@@ -68,7 +69,7 @@ def test_absurd_learning_rate_exits_with_a_clear_error(tmp_path, data_root):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "error: non-finite loss at epoch" in result.stderr
+    assert "ERROR non-finite loss at epoch" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -85,3 +86,13 @@ def test_run_directory_guard_and_resume_errors(tmp_path, data_root):
         train.main(["--dataset", "demo"] + tiny_opts(data_root, str(tmp_path / "x"), **{"SOLVER.SELECT_BY": "val"}))
     with pytest.raises(ConfigError, match="BEST_METRIC"):
         train.main(["--dataset", "demo"] + tiny_opts(data_root, str(tmp_path / "x"), **{"SOLVER.BEST_METRIC": "R1"}))
+
+
+def test_missing_dataset_is_one_error_and_leaves_no_run_behind(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--dataset", "sysu", "OUTPUT_DIR", out, "DATASET.ROOT", str(tmp_path / "nowhere")]
+    for _ in range(2):  # the second attempt is not refused as "already holds a run"
+        with pytest.raises(DatasetError, match="root not found"):
+            train.main(args)
+    assert not os.path.exists(os.path.join(out, "config.yaml"))
+    assert "ERROR SYSU-MM01 root not found" in open(os.path.join(out, "train.log")).read()

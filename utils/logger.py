@@ -1,7 +1,8 @@
 """Run logging: Python logging to the console and ``<run dir>/train.log``, and tensorboardX
 scalars, on rank 0 only (other DDP ranks get silent stand-ins).
 
-Console lines go through ``tqdm.write`` so they do not tear an active progress bar.
+Console lines go through ``tqdm.write`` so they do not tear an active progress bar; INFO goes
+to stdout, warnings and errors to stderr.
 """
 import logging
 import os
@@ -17,7 +18,8 @@ _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 class _TqdmConsoleHandler(logging.Handler):
     def emit(self, record):
         try:
-            tqdm.write(self.format(record), file=sys.stdout)
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            tqdm.write(self.format(record), file=stream)
         except Exception:
             self.handleError(record)
 
