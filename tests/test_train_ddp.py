@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from utils.checkpoint import load_checkpoint
 from utils.distributed import DistContext, parameters_in_sync
 from utils.run_dir import read_metrics
+from tiny_train import tiny_opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,19 +50,11 @@ def test_parameters_in_sync_detects_a_tiny_difference():
 def test_torchrun_two_processes_gloo(tmp_path_factory):
     data_root = str(tmp_path_factory.getbasetemp() / "demo_tiny")
     out = str(tmp_path_factory.mktemp("ddp") / "run")
-    opts = {
-        "OUTPUT_DIR": out, "DATASET.ROOT": data_root,
-        "DATASET.DEMO_TRAIN_IDS": 10, "DATASET.DEMO_TEST_IDS": 6,
-        "INPUT.SIZE_TRAIN": "[64,32]", "INPUT.SIZE_TEST": "[64,32]",
-        "DATALOADER.NUM_IDS": 4, "DATALOADER.NUM_POS": 2, "DATALOADER.NUM_WORKERS": 0,
-        "SOLVER.ITERS_PER_EPOCH": 2, "SOLVER.MAX_EPOCHS": 1, "SOLVER.WARMUP_EPOCHS": 1,
-        "SOLVER.BASE_LR": 0.01, "SOLVER.LOG_PERIOD": 1, "SOLVER.EVAL_START": 1, "SOLVER.EVAL_PERIOD": 1,
-        "SOLVER.EVAL_BEFORE_TRAIN": True,
-        "TEST.NUM_TRIALS": 1, "TEST.BATCH_SIZE": 64,
-    }
+    opts = tiny_opts(data_root, out, **{"SOLVER.EVAL_START": 1, "SOLVER.EVAL_PERIOD": 1,
+                                        "SOLVER.EVAL_BEFORE_TRAIN": True})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train.py"), "--dataset", "demo", "--check-sync"]
-    cmd += [str(x) for kv in opts.items() for x in kv]
+    cmd += opts
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

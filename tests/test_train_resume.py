@@ -14,23 +14,13 @@ import loss as loss_pkg
 import train
 from utils.checkpoint import load_checkpoint
 from utils.run_dir import read_metrics
+from tiny_train import tiny_opts as shared_tiny_opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_opts(data_root, out_dir, **extra):
-    opts = {
-        "OUTPUT_DIR": out_dir, "DATASET.ROOT": data_root, "DETERMINISTIC": True,
-        "DATASET.DEMO_TRAIN_IDS": 10, "DATASET.DEMO_TEST_IDS": 6,
-        "INPUT.SIZE_TRAIN": "[64,32]", "INPUT.SIZE_TEST": "[64,32]",
-        "DATALOADER.NUM_IDS": 4, "DATALOADER.NUM_POS": 2, "DATALOADER.NUM_WORKERS": 0,
-        "SOLVER.ITERS_PER_EPOCH": 2, "SOLVER.MAX_EPOCHS": 3, "SOLVER.WARMUP_EPOCHS": 1, "SOLVER.STEPS": "[2]",
-        "SOLVER.BASE_LR": 0.01, "SOLVER.LOG_PERIOD": 1, "SOLVER.EVAL_START": 1, "SOLVER.EVAL_PERIOD": 1,
-        "SOLVER.EVAL_BEFORE_TRAIN": True,
-        "SOLVER.SELECT_BY": "test", "TEST.NUM_TRIALS": 1, "TEST.BATCH_SIZE": 64,
-    }
-    opts.update(extra)
-    return [str(x) for kv in opts.items() for x in kv]
+    return shared_tiny_opts(data_root, out_dir, **dict({'DETERMINISTIC': True, 'SOLVER.MAX_EPOCHS': 3, 'SOLVER.STEPS': '[2]', 'SOLVER.EVAL_START': 1, 'SOLVER.EVAL_PERIOD': 1, 'SOLVER.EVAL_BEFORE_TRAIN': True, 'SOLVER.SELECT_BY': 'test'}, **extra))
 
 
 @pytest.fixture(scope="module")
