@@ -99,6 +99,54 @@ def test_ties_hand_made():
     assert got["mINP"] == pytest.approx(2 / 4)
 
 
+def test_ties_at_the_first_match_and_with_removed_items():
+    # regdb: pids [7, 8, 3, 9, 3] at distances [0, 1, 1, 1, 2]: ranked 7, 8, 3, 9, 3.
+    got = evaluate(np.array([[0.0, 1, 1, 1, 2]]), [3], [7, 8, 3, 9, 3], [1], [2] * 5, "regdb", max_rank=5)
+    np.testing.assert_array_equal(got["cmc_standard"], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(got["cmc_distinct"], [0, 0, 1, 1, 1])
+    assert got["mAP"] == pytest.approx((1 / 3 + 2 / 5) / 2) and got["mINP"] == pytest.approx(2 / 5)
+    # llcm: the same-camera 3 (removed) ties with a kept 3 and a 5, all at distance 1; the
+    # kept list is 6, 5, 3: rank 3, distinct rank 3.
+    got = evaluate(np.array([[0.0, 1, 1, 1]]), [3], [6, 3, 5, 3], [1], [4, 1, 4, 2], "llcm", max_rank=4)
+    np.testing.assert_array_equal(got["cmc_standard"], [0, 0, 1, 1])
+    np.testing.assert_array_equal(got["cmc"], [0, 0, 1, 1])
+    assert got["mAP"] == pytest.approx(1 / 3) and got["mINP"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("protocol", ["sysu", "llcm", "regdb", "market"])
+def test_torch_path_small_blocks_and_budget(monkeypatch, protocol):
+    """The torch code path (the one that runs on GPUs), and the CPU path with sort blocks of
+    one or two rows and a memory budget that reads one row at a time."""
+    import utils.metrics as metrics
+
+    for seed, ties in ((30, False), (31, True)):
+        args = random_problem(seed, protocol, ties=ties)
+        ref = reference_evaluate(*args, protocol=protocol, sort_kind="stable")
+        with monkeypatch.context() as m:
+            m.setattr(metrics, "NUMPY_ON_CPU", False)
+            assert_same(evaluate(*args, protocol=protocol), ref)
+            assert_same(evaluate(torch.from_numpy(args[0]).float(), *args[1:], protocol=protocol),
+                        reference_evaluate(args[0].astype(np.float32), *args[1:], protocol=protocol,
+                                           sort_kind="stable"))
+        with monkeypatch.context() as m:
+            m.setattr(metrics, "_BLOCK_BITS", 9)
+            assert_same(evaluate(*args, protocol=protocol, memory_mb=1e-4), ref)
+
+
+def test_every_match_ranked_last():
+    # The worst case for the distinct-identity rank: every other item comes first.
+    rng = np.random.default_rng(3)
+    g_pids, q_pids = rng.integers(0, 25, 300), rng.integers(0, 25, 40)
+    dist = rng.random((40, 300)) + 2.0 * (q_pids[:, None] == g_pids[None, :])
+    ones, twos = np.ones(40, np.int64), np.full(300, 2)
+    ref = reference_evaluate(dist, q_pids, g_pids, ones, twos, "regdb")
+    got = evaluate(dist, q_pids, g_pids, ones, twos, "regdb", memory_mb=0.05, return_per_query=True)
+    assert_same(got, ref)
+    counts = np.bincount(g_pids, minlength=25)[q_pids]
+    np.testing.assert_array_equal(got["per_query"]["rank"], 300 - counts + 1)
+    np.testing.assert_array_equal(got["per_query"]["rank_distinct"], 25)
+
+
 def test_infinite_distances_and_wide_ranges():
     dist, q_pids, g_pids, q_cams, g_cams = random_problem(20, "market")
     dist = dist * 1e6
@@ -197,6 +245,10 @@ def test_query_without_match_is_skipped_and_all_invalid_raises():
     # sysu: the only match is in cam 2 and the query is from cam 3
     with pytest.raises(ValueError, match="no query has a true match"):
         evaluate(dist[:1], [2], [1, 2, 1], [3], [1, 2, 4], "sysu")
+    # sysu with an all-cam-2 gallery: cam-3 queries have nothing left, cam-6 ones do
+    got = evaluate(dist, [1, 1], [1, 2, 1], [3, 6], [2, 2, 2], "sysu", max_rank=3, return_per_query=True)
+    assert got["num_valid_queries"] == 1 and list(got["per_query"]["valid"]) == [False, True]
+    assert list(got["cmc"]) == [1, 1, 1] and got["mAP"] == pytest.approx((1 + 2 / 3) / 2)  # ranked 1, 2, 1
 
 
 def test_fewer_identities_or_images_than_max_rank_saturate():
@@ -240,8 +292,13 @@ def test_bad_inputs():
         evaluate(d, [1, 2], [1, 2, 3], [1, 1], [2, 2, 2], "regdb", max_rank=0)
     bad = d.copy()
     bad[1, 2] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"NaN \(query row 1\)"):
         evaluate(bad, [1, 2], [1, 2, 3], [1, 1], [2, 2, 2], "regdb")
+    # sysu evaluates cam-3 queries apart (without cam 2): the row is still named right
+    bad = np.zeros((3, 3))
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN \(query row 1\)"):
+        evaluate(bad, [1, 2, 3], [1, 2, 3], [6, 3, 6], [1, 2, 4], "sysu")
 
 
 # ----------------------------------------------------------------------------- trials

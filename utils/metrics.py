@@ -2,7 +2,7 @@
 
 ``evaluate(distmat [nq, ng], q_pids [nq], g_pids [ng], q_camids [nq], g_camids [ng], protocol)``
 gives the numbers of the standard per-query code (eval_sysu / eval_llcm / eval_regdb, and
-the Market ``eval_func``) without a per-query Python loop and without sorting whole rows.
+the Market ``eval_func``) without a per-query Python loop.
 
 Protocols (removal rule applied to every query's ranked gallery, then the metrics):
 
@@ -21,23 +21,29 @@ each identity before ranks are counted. mAP (mean precision at the hits) and mIN
 rank of the last hit) always use the full kept list. All three average over *valid*
 queries, the ones with at least one kept true match.
 
-How it works. Only the positions of the R kept true matches of a query matter: the rank of
-the k-th match is k + 1 + (number of kept items of other identities ranked before it). Per
-chunk of query rows the matches' distances are gathered and sorted (R is small), the kept
-items of other identities at a distance <= the last match's are selected (a few
-comparisons per distance), and each selected item's slot among the sorted matches is read
-from a per-row lookup table of distance bins; items whose bin also holds a match are
-settled by direct comparison.
-Counting the items per slot (bincount) gives every match's rank; the identities of the
-items before the first match give its distinct-identity rank. Cost: one comparison per
-distance plus work proportional to the number of items ranked before each query's last
-true match; no row is sorted. The work is torch operations on the distance matrix's
-device, so CUDA inputs are evaluated on the GPU; on CPU the dense comparison and the index
-extraction use numpy, several times faster there than torch.
+How it works. Only the positions of a query's own identity in its ranked list matter: the
+rank of a kept true match is 1 + the number of kept items ordered before it by (distance,
+gallery index). Per chunk of query rows, each row's distances are sorted (values only,
+after lowering everything beyond the row's last kept match to one value, which leaves
+the order of the rest unchanged and makes the sort cheaper), and a binary search of each
+member distance of the query's identity gives the number of items before it; the removed
+members before it are known from the member list, and equal distances (rare) are
+settled by direct comparison. The distinct-identity rank needs the identities of the
+items before the first match, which are read only for the rows whose first match is
+not at rank 1. SYSU removes items of every identity (cam 2 for a cam-3 query), so its
+cam-3 queries are evaluated against the gallery without cam 2. Cost: one sort per row,
+a few passes over the distances, and work proportional to the identity sizes and to
+the items ranked before the first matches. The work is torch operations on the distance
+matrix's device, so CUDA inputs are evaluated on the GPU; on CPU the sort, the dense
+comparison and the index extraction use numpy (SIMD sort), several times faster there.
 
-Memory: query rows are processed in chunks of ``chunk_rows`` rows, by default chosen so
-that ``chunk_rows x n_gallery x 128 bytes <= memory_mb`` (256 MiB); 128 bytes per distance
-bounds the worst case, where every item of a row ranks before its last true match.
+Memory: query rows are processed in chunks, by default as many rows as fit
+``rows x (32 x n_gallery + 128 x m) bytes <= memory_mb / 2`` (256 MiB by default), m
+being the largest number of gallery items of one identity (32 bytes per distance bound
+the chunk's copy and its sort, 128 bytes per member the [rows, m] tables). The
+rows whose first match is not at rank 1 are then read in blocks of at most
+``memory_mb / 2 / (128 x n_gallery)`` rows, which bounds the extraction of the items
+before the first match even when every item comes before it.
 
 Ties (equal distances): ranked lists are ordered by (distance, gallery index), i.e. a
 stable sort. The standard code uses numpy's default (unstable) quicksort, so results are
@@ -60,12 +66,25 @@ PROTOCOLS = ("sysu", "llcm", "regdb", "market")
 DISTINCT_CMC_PROTOCOLS = ("sysu", "llcm")
 
 DEFAULT_MEMORY_MB = 256
-# Peak temporary bytes per distance of a chunk in the worst case (every item of a row
-# ranked before its last true match): a mask byte and about ten 8-byte values per item,
-# plus the per-row match and bin tables (at most n_gallery / 4 bins, see _slot_counts).
-_BYTES_PER_DISTANCE = 128
-# Distance bins per true match in the lookup table: more bins, fewer direct comparisons.
-_BINS_PER_MATCH = 8
+# Half of the memory budget bounds a chunk: per distance its copy (float64 at most) and,
+# on a GPU, the capped copy and its sort (values and indices; the CPU sorts 4 MiB blocks
+# instead), per member of the query's identity about fifteen [rows, members] tables of 8
+# bytes. The other half bounds the blocks of rows read for the distinct-identity ranks:
+# per distance its copy, mask bytes and, in the worst case (every item before the first
+# match), about a dozen 8-byte values per item.
+_BYTES_PER_DISTANCE = 32
+_BYTES_PER_MEMBER = 128
+_BYTES_PER_CANDIDATE = 128
+# Rows per CPU sort block: about 2**_BLOCK_BITS bytes (see _search_rows).
+_BLOCK_BITS = 22
+# CPU tensors take the numpy paths (SIMD sort, faster comparisons and index extraction);
+# the torch paths are the ones that run on GPUs, and the tests run them on CPU by turning
+# this off.
+NUMPY_ON_CPU = True
+
+
+def _numpy_path(t):
+    return NUMPY_ON_CPU and t.device.type == "cpu"
 
 
 def _to_tensor(x, device=None):
@@ -102,157 +121,180 @@ class _Gallery:
         return torch.where(self.ids[pos] == pids, pos, torch.full_like(pos, -1))
 
 
-def _removed(protocol, q_cam, g_cam, same_identity):
-    """Removal rule of spec 3.2 for gallery items of the query's identity (same_identity
-    True) or of other identities (False), broadcasting; None when nothing is removed."""
+def _removed(protocol, q_cam, g_cam):
+    """Removal rule of spec 3.2 for gallery items of the query's own identity, broadcasting;
+    None when the protocol removes none."""
     if protocol == "sysu":
         return (q_cam == 3) & (g_cam == 2)
-    if same_identity and protocol in ("llcm", "market"):
+    if protocol in ("llcm", "market"):
         return g_cam == q_cam
     return None
 
 
-def _take(table, index):
-    """table.view(-1)[index] for a 1-D index."""
-    return table.reshape(-1).index_select(0, index)
+def _row_groups(protocol, q_camids, g_camids):
+    """Split the queries so that no group's protocol removes items of other identities.
+
+    Returns [(rows, cols)]: query row indices and gallery column indices (ascending), None
+    meaning all. Only sysu removes items of any identity (every cam-2 item for a cam-3
+    query), so its cam-3 queries are evaluated against the gallery without cam 2.
+    """
+    if protocol != "sysu":
+        return [(None, None)]
+    cam3 = q_camids == 3
+    if not bool(cam3.any()):
+        return [(None, None)]
+    groups = [(torch.nonzero(cam3).squeeze(1), torch.nonzero(g_camids != 2).squeeze(1))]
+    if not bool(cam3.all()):
+        groups.append((torch.nonzero(~cam3).squeeze(1), None))
+    return groups
+
+
+def _search_rows(D, cap, values):
+    """Binary search of values [c, m] in the rows of D [c, n], each row's entries above
+    cap [c] (a bound above every value looked up) first lowered to it.
+
+    Returns below [c, m] (entries smaller than the value), next_equal [c, m] (the entry
+    after those, at position below + 1, equals the value too: when the value is itself
+    an entry, another entry shares it) and has_nan [c].
+    """
+    c, n = D.shape
+    below = torch.empty(values.shape, dtype=torch.int64, device=D.device)
+    next_equal = torch.empty(values.shape, dtype=torch.bool, device=D.device)
+    has_nan = torch.empty(c, dtype=torch.bool, device=D.device)
+    on_cpu = _numpy_path(D)
+    # On CPU, numpy's SIMD sort is an order of magnitude faster than torch's, and faster
+    # still on the many equal values the cap leaves; blocks of about 4 MiB are capped,
+    # sorted and searched while they are in cache (about 12% faster than one pass each
+    # over an LLCM-size chunk).
+    step = max(1, (1 << _BLOCK_BITS) // (n * D.element_size())) if on_cpu else c
+    buffer = np.empty((min(step, c), n), D.numpy().dtype) if on_cpu else None
+    for s in range(0, c, step):
+        e = min(s + step, c)
+        if on_cpu:
+            block = buffer[:e - s]
+            np.minimum(D.numpy()[s:e], cap.numpy()[s:e, None], out=block)
+            block.sort(axis=1)
+            block = torch.from_numpy(block)
+        else:
+            block = torch.sort(torch.minimum(D[s:e], cap[s:e, None]), dim=1).values
+        v = values[s:e]
+        b = torch.searchsorted(block, v, side="left")
+        below[s:e] = b
+        next_equal[s:e] = (block.gather(1, (b + 1).clamp(max=n - 1)) == v) & (b + 1 < n)
+        has_nan[s:e] = torch.isnan(block[:, -1])  # NaN sorts last
+    return below, next_equal, has_nan
 
 
 def _flat_nonzero(mask):
     """Flat indices of the non-zero entries of a contiguous tensor, ascending."""
-    if mask.device.type == "cpu":
+    if _numpy_path(mask):
         # numpy's flatnonzero is several times faster than torch's CPU nonzero.
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return mask.view(-1).nonzero().squeeze(1)
 
 
-def _rank_movers(D, last, qidx, qcam, gal, protocol):
-    """The items that can move a true match's rank: kept, of another identity, at a distance
-    <= their row's last kept match. Returns their (flat index in D, row, column), ascending."""
-    arrays = (D, last, gal.pid, qidx, gal.cam, qcam)
-    on_cpu = D.device.type == "cpu"
-    # numpy's dense comparisons are several times faster than torch's on CPU.
-    dist, last, g_pid, q_pid, g_cam, q_cam = (a.numpy() for a in arrays) if on_cpu else arrays
-    mask = dist <= last
-    mask &= g_pid[None, :] != q_pid[:, None]
-    removed = _removed(protocol, q_cam[:, None], g_cam[None, :], same_identity=False)
-    if removed is not None:
-        mask &= ~removed
-    flat = _flat_nonzero(torch.from_numpy(mask) if on_cpu else mask)
-    r = torch.div(flat, D.shape[1], rounding_mode="floor")
-    return flat, r, flat - r * D.shape[1]
+def _members(D, qidx, qcam, gal, protocol):
+    """Every gallery item of each row's identity, ordered by (distance, gallery index).
 
-
-def _sorted_matches(D, qidx, qcam, gal, protocol):
-    """The kept true matches of each row, ordered by (distance, gallery index).
-
-    Returns (dist [c, m], col [c, m], R [c]): slots >= R are padding with distance +inf and
-    column n_gallery, so they never precede an item.
+    Returns dist [c, m], col [c, m] and kept [c, m] (False for the items the protocol
+    removes); slots past the identity's size are padding (distance +inf, column n_gallery,
+    not kept).
     """
     c, n = D.shape
     count = torch.where(qidx >= 0, gal.count[qidx.clamp(min=0)], torch.zeros_like(qidx))
     m = max(int(count.max()), 1) if c else 1
     slot = torch.arange(m, device=D.device)
     pos = (gal.start[qidx.clamp(min=0)][:, None] + slot).clamp(max=n - 1)
-    col = gal.members[pos]
-    kept = slot < count[:, None]
-    removed = _removed(protocol, qcam[:, None], gal.cam[col], same_identity=True)
+    col = torch.where(slot < count[:, None], gal.members[pos], torch.full_like(pos, n))
+    dist = D.gather(1, col.clamp(max=n - 1)).masked_fill(col == n, float("inf"))
+    # The columns are ascending here, so a stable sort by distance orders by (distance, index).
+    dist, order = torch.sort(dist, dim=1, stable=True)
+    col = col.gather(1, order)
+    kept = col < n
+    removed = _removed(protocol, qcam[:, None], gal.cam[col.clamp(max=n - 1)])
     if removed is not None:
         kept &= ~removed
-    col = torch.sort(torch.where(kept, col, torch.full_like(col, n)), dim=1).values
-    dist = D.gather(1, col.clamp(max=n - 1)).masked_fill(col == n, float("inf"))
-    dist, order = torch.sort(dist, dim=1, stable=True)
-    return dist, col.gather(1, order), kept.sum(1)
+    return dist, col, kept
 
 
-def _slot_counts(v, r, j, dist, col, R, n_gallery, budget_bytes):
-    """Count items by slot among their row's sorted matches.
-
-    Items: distance v, row r, column j [K]. An item's slot is the number of kept matches of
-    its row that precede it. Returns (counts [c, m+1], indices of the items in slot 0, i.e.
-    ranked before the row's first match).
-
-    A lookup table per row over equal distance bins between the row's first and last match
-    gives each item the number of matches in lower bins. The bin index is a monotone
-    function of the distance (IEEE subtract, multiply, add and truncation, the same
-    operations for items and matches), so that number is the slot unless the item's bin also
-    holds matches; those few items are compared, by (distance, column), with the matches of
-    their bin only.
-    """
-    c, m = dist.shape
-    dev = dist.device
-    bins = max(1, min(_BINS_PER_MATCH * m, n_gallery // 4))
-    width = bins + 2
-    valid = torch.arange(m, device=dev) < R[:, None]
-    lo = dist[:, 0]
-    hi = dist.gather(1, (R - 1).clamp(min=0)[:, None]).squeeze(1)
-    scale = bins / (hi - lo)
-    # Rows without a usable positive finite scale (no match, infinite distances, a span that
-    # overflows) are treated as one bin holding all their matches.
-    finite = (R > 0) & torch.isfinite(lo) & torch.isfinite(hi) & ((hi == lo) | (torch.isfinite(scale) & (scale > 0)))
-    scale = torch.where(finite & (hi > lo), scale, torch.ones_like(scale))
-    lo = torch.where(finite, lo, torch.zeros_like(lo))
-
-    def bin_of(x, rows):
-        u = (x - _take(lo, rows)).mul_(_take(scale, rows)).add_(1).clamp_(0, bins + 1)
-        return u.to(torch.int64)
-
-    match_rows = torch.arange(c, device=dev)[:, None].expand(c, m)[valid]
-    match_key = match_rows * width + bin_of(dist[valid], match_rows)
-    per_bin = torch.bincount(match_key, minlength=c * width).view(c, width)
-    per_bin = torch.where(finite[:, None], per_bin, R[:, None])
-    before_bin = torch.where(finite[:, None], torch.cumsum(per_bin, 1) - per_bin, torch.zeros_like(per_bin))
-
-    key = bin_of(v, r).add_(r * width)
-    slot_key = _take(torch.arange(c, device=dev)[:, None] * (m + 1) + before_bin, key)
-    first = [_flat_nonzero(_take((before_bin == 0) & (per_bin == 0), key))]
-    in_bin = _take(per_bin, key)
-    unsure = _flat_nonzero(in_bin)
-    if len(unsure):
-        in_bin = _take(in_bin, unsure)
-        w = int(in_bin.max())
-        slot_in_bin = torch.arange(w, device=dev)
-        step = max(1, budget_bytes // (40 * w))
-        for s in range(0, len(unsure), step):
-            u, n_u = unsure[s:s + step], in_bin[s:s + step]
-            ru = _take(r, u)
-            base = _take(slot_key, u) - ru * (m + 1)
-            k = ru[:, None] * m + (base[:, None] + slot_in_bin).clamp_(max=m - 1)
-            t, tc = _take(dist, k.view(-1)).view_as(k), _take(col, k.view(-1)).view_as(k)
-            x, xc = _take(v, u)[:, None], _take(j, u)[:, None]
-            before = (slot_in_bin < n_u[:, None]) & ((t < x) | ((t == x) & (tc < xc)))
-            slot = base + before.sum(1)
-            slot_key[u] = ru * (m + 1) + slot
-            first.append(u[slot == 0])
-    counts = torch.bincount(slot_key, minlength=c * (m + 1)).view(c, m + 1)
-    return counts, torch.cat(first)
+def _equal_before(D, rows, d, col, budget_bytes):
+    """How many items of row rows[i] of D have distance exactly d[i] and a gallery index
+    below col[i], for every i; temporaries stay within budget_bytes."""
+    n = D.shape[1]
+    index = torch.arange(n, device=D.device)
+    step = max(1, budget_bytes // (n * (D.element_size() + 10)))
+    out = []
+    for s in range(0, len(rows), step):
+        equal = (D.index_select(0, rows[s:s + step]) == d[s:s + step, None]) & (index < col[s:s + step, None])
+        out.append(equal.sum(1))
+    return torch.cat(out)
 
 
-def _evaluate_chunk(D, qidx, qcam, gal, protocol, budget_bytes):
-    """Per-row valid flag, AP, INP, first-hit rank and distinct-identity rank of one chunk."""
+def _distinct_rank(D, qidx, gal, d1, c1, tie1, deep, budget_bytes):
+    """1 + the number of distinct identities among the kept items ordered before each row's
+    first kept match (distance d1 [c], column c1 [c]). Only rows flagged `deep` (first
+    match below rank 1) have any; tie1 flags the rows where other items share d1. The
+    rows are read in blocks whose temporaries stay within budget_bytes."""
     c, n = D.shape
     dev = D.device
-    dist, col, R = _sorted_matches(D, qidx, qcam, gal, protocol)
-    m = dist.shape[1]
-    last = dist.gather(1, (R - 1).clamp(min=0)[:, None])
-    # NaN never compares true, so rows without a kept match select nothing.
-    last = last.masked_fill((R == 0)[:, None], float("nan"))
-
-    flat, r, j = _rank_movers(D, last, qidx, qcam, gal, protocol)
-    counts, first = _slot_counts(_take(D, flat), r, j, dist, col, R, n, budget_bytes)
-
-    k = torch.arange(m, device=dev)
-    rank = k + 1 + torch.cumsum(counts[:, :m], 1)
-    Rf = R.clamp(min=1).to(torch.float64)
-    precision = torch.where(k < R[:, None], (k + 1).to(torch.float64) / rank,
-                            torch.zeros((), dtype=torch.float64, device=dev))
-    ap = precision.sum(1) / Rf
-    inp = Rf / rank.gather(1, (R - 1).clamp(min=0)[:, None]).squeeze(1)
-
     n_ids = len(gal.ids)
-    seen = torch.zeros(c * n_ids, dtype=torch.bool, device=dev)
-    seen[_take(r, first) * n_ids + _take(gal.pid, _take(j, first))] = True
-    distinct_rank = seen.view(c, n_ids).sum(1) + 1
-    return R > 0, ap, inp, rank[:, 0], distinct_rank
+    index = torch.arange(n, device=dev)
+    rows = torch.nonzero(deep).squeeze(1)
+    step = max(1, budget_bytes // (n * _BYTES_PER_CANDIDATE))
+    pairs = [torch.zeros(0, dtype=torch.int64, device=dev)]
+    for s in range(0, len(rows), step):
+        r = rows[s:s + step]
+        sub, threshold = D.index_select(0, r), d1.index_select(0, r)[:, None]
+        if _numpy_path(sub):
+            before = torch.from_numpy(sub.numpy() < threshold.numpy())
+        else:
+            before = sub < threshold
+        tied = torch.nonzero(tie1.index_select(0, r)).squeeze(1)
+        if len(tied):
+            # equal distances come before the first match when their index is lower
+            before[tied] |= (sub[tied] == threshold[tied]) & (index < c1.index_select(0, r[tied])[:, None])
+        flat = _flat_nonzero(before)
+        local = torch.div(flat, n, rounding_mode="floor")
+        pid = gal.pid.index_select(0, flat - local * n)
+        row = r.index_select(0, local)
+        # Same-identity items before the first kept match are removed ones: not counted.
+        other = pid != qidx.index_select(0, row)
+        pairs.append(torch.unique(row[other] * n_ids + pid[other]))
+    pairs = torch.cat(pairs)
+    return 1 + torch.bincount(torch.div(pairs, n_ids, rounding_mode="floor"), minlength=c)
+
+
+def _evaluate_rows(D, qidx, qcam, gal, protocol, budget_bytes, row_ids):
+    """Per-row valid flag, AP, INP, first-hit rank and distinct-identity rank of a block of
+    rows [c, n] whose protocol removes no item of another identity (module docstring).
+    row_ids [c]: the rows' query indices, for error messages."""
+    c, n = D.shape
+    dev = D.device
+    dist, col, kept = _members(D, qidx, qcam, gal, protocol)
+    m = dist.shape[1]
+    R = kept.sum(1)
+    last = dist.gather(1, (torch.cumsum(kept, 1) == R[:, None]).int().argmax(1, keepdim=True)).squeeze(1)
+    cap = torch.where(R > 0, torch.nextafter(last, torch.full_like(last, float("inf"))),
+                      torch.full_like(last, -float("inf")))
+    before, next_equal, has_nan = _search_rows(D, cap, dist)
+    if bool(has_nan.any()):
+        raise ValueError("distmat contains NaN (query row %d)" % int(row_ids[has_nan][0]))
+    tie = kept & next_equal
+    if bool(tie.any()):
+        rows = torch.arange(c, device=dev)[:, None].expand(c, m)[tie]
+        before[tie] += _equal_before(D, rows, dist[tie], col[tie], budget_bytes)
+    kept_before = torch.cumsum(kept, 1) - kept.long()
+    removed_before = torch.arange(m, device=dev) - kept_before
+    rank = before - removed_before + 1  # of the kept matches; meaningless elsewhere
+    Rf = R.clamp(min=1).to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    ap = torch.where(kept, (kept_before + 1).to(torch.float64) / rank, zero).sum(1) / Rf
+    inp = Rf / torch.where(kept, rank, torch.zeros_like(rank)).amax(1).clamp(min=1)
+    first = torch.where(kept, rank, torch.full_like(rank, n + 1)).argmin(1, keepdim=True)
+    first_rank = rank.gather(1, first).squeeze(1)
+    distinct_rank = _distinct_rank(D, qidx, gal, dist.gather(1, first).squeeze(1), col.gather(1, first).squeeze(1),
+                                   tie.gather(1, first).squeeze(1), (R > 0) & (first_rank > 1), budget_bytes)
+    return R > 0, ap, inp, first_rank, distinct_rank
 
 
 def _cmc(first_rank, max_rank, num_valid):
@@ -301,29 +343,36 @@ def evaluate(distmat, q_pids, g_pids, q_camids=None, g_camids=None, protocol=Non
     if nq == 0 or ng == 0:
         raise ValueError("distmat is empty (shape %s): nothing to evaluate" % (tuple(D.shape),))
 
-    gal = _Gallery(g_pids, g_camids)
-    qidx = gal.index_of(q_pids)
     budget_bytes = int(memory_mb * (1 << 20))
-    if chunk_rows is None:
-        chunk_rows = max(1, budget_bytes // (_BYTES_PER_DISTANCE * ng))
-    chunk_rows = max(1, int(chunk_rows))
-
     f64 = dict(dtype=torch.float64, device=dev)
     valid = torch.zeros(nq, dtype=torch.bool, device=dev)
     ap, inp = torch.zeros(nq, **f64), torch.zeros(nq, **f64)
     rank = torch.zeros(nq, dtype=torch.int64, device=dev)
     rank_distinct = torch.zeros(nq, dtype=torch.int64, device=dev)
-    for s in range(0, nq, chunk_rows):
-        e = min(s + chunk_rows, nq)
-        chunk = D[s:e]
-        if chunk.dtype in (torch.float16, torch.bfloat16):
-            chunk = chunk.float()
-        chunk = chunk.contiguous()
-        # A cheap sum flags NaN (or +inf and -inf together); only then look closer.
-        if not torch.isfinite(chunk.sum()) and torch.isnan(chunk).any():
-            raise ValueError("distmat contains NaN (query rows %d..%d)" % (s, e - 1))
-        out = _evaluate_chunk(chunk, qidx[s:e], q_camids[s:e], gal, protocol, budget_bytes)
-        valid[s:e], ap[s:e], inp[s:e], rank[s:e], rank_distinct[s:e] = out
+    all_rows = torch.arange(nq, device=dev)
+    for rows, cols in _row_groups(protocol, q_camids, g_camids):
+        if cols is not None and len(cols) == 0:
+            continue  # an empty gallery: these queries have no match
+        gal = _Gallery(g_pids, g_camids) if cols is None else _Gallery(g_pids[cols], g_camids[cols])
+        n_rows = nq if rows is None else len(rows)
+        n_cols = ng if cols is None else len(cols)
+        step = chunk_rows
+        if step is None:
+            row_bytes = _BYTES_PER_DISTANCE * n_cols + _BYTES_PER_MEMBER * int(gal.count.max())
+            step = budget_bytes // 2 // row_bytes
+        step = max(1, int(step))
+        for s in range(0, n_rows, step):
+            e = min(s + step, n_rows)
+            index = slice(s, e) if rows is None else rows[s:e]
+            chunk = D[index] if rows is None else D.index_select(0, index)
+            if cols is not None:
+                chunk = chunk.index_select(1, cols)
+            if chunk.dtype in (torch.float16, torch.bfloat16):
+                chunk = chunk.float()
+            chunk = chunk.contiguous()
+            out = _evaluate_rows(chunk, gal.index_of(q_pids[index]), q_camids[index], gal, protocol,
+                                 budget_bytes // 2, all_rows[index])
+            valid[index], ap[index], inp[index], rank[index], rank_distinct[index] = out
 
     num_valid = int(valid.sum())
     if num_valid == 0:
