@@ -133,6 +133,21 @@ def test_torch_path_small_blocks_and_budget(monkeypatch, protocol):
             assert_same(evaluate(*args, protocol=protocol, memory_mb=1e-4), ref)
 
 
+@pytest.mark.parametrize("protocol", ["sysu", "llcm"])
+def test_long_rows(monkeypatch, protocol):
+    # Over 1024 gallery items: each row's sort cap is raised to a sampled percentile.
+    import utils.metrics as metrics
+
+    for ties in (False, True):
+        args = random_problem(40 + ties, protocol, n_ids=260, n_query=50, ties=ties)
+        assert args[0].shape[1] >= 1024
+        ref = reference_evaluate(*args, protocol=protocol, sort_kind="stable")
+        assert_same(evaluate(*args, protocol=protocol), ref)
+        with monkeypatch.context() as m:
+            m.setattr(metrics, "NUMPY_ON_CPU", False)
+            assert_same(evaluate(*args, protocol=protocol), ref)
+
+
 def test_every_match_ranked_last():
     # The worst case for the distinct-identity rank: every other item comes first.
     rng = np.random.default_rng(3)

@@ -159,17 +159,21 @@ def _search_rows(D, cap, values):
     an entry, another entry shares it) and has_nan [c].
     """
     c, n = D.shape
+    on_cpu = _numpy_path(D)
     # Any cap above the looked-up values gives the same answers. A cap below a few percent
-    # of a row leaves almost all of it equal, which the SIMD sort handles three times slower
-    # than a full sort of a few percent, so the cap is raised to about the 7th percentile of
-    # 64 sampled columns.
-    if n > 64:
+    # of a long row leaves almost all of it equal, which the SIMD sort handles three times
+    # slower than a full sort of a few percent, so the cap is raised to about the 7th
+    # percentile of 64 sampled columns.
+    if n >= 1024:
         sample = D[:, ::n // 64][:, :64]
-        cap = torch.maximum(cap, torch.kthvalue(sample, 5, dim=1).values)
+        if on_cpu:
+            floor = torch.from_numpy(np.partition(sample.numpy(), 4, axis=1)[:, 4])
+        else:
+            floor = torch.kthvalue(sample, 5, dim=1).values
+        cap = torch.maximum(cap, floor)
     below = torch.empty(values.shape, dtype=torch.int64, device=D.device)
     next_equal = torch.empty(values.shape, dtype=torch.bool, device=D.device)
     has_nan = torch.empty(c, dtype=torch.bool, device=D.device)
-    on_cpu = _numpy_path(D)
     # On CPU, numpy's SIMD sort is an order of magnitude faster than torch's, and faster
     # still on the many equal values the cap leaves; blocks of about 4 MiB are capped,
     # sorted and searched while they are in cache (about 12% faster than one pass each
