@@ -386,3 +386,23 @@ def test_compute_distance():
         compute_distance(q, g, "manhattan")
     with pytest.raises(ValueError, match="dimension"):
         compute_distance(q, g[:, :4])
+
+
+# ------------------------------------------------------------------------- benchmark
+
+
+def test_bench_eval_runs_and_agrees_with_the_reference():
+    """benchmarks/bench_eval.py --quick (smoke run; timings are not asserted)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cases = "sysu_single_shot,llcm_like,market_like,sysu_10_trials"
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_eval.py"), "--quick", "--cases",
+                          cases, "--repeat", "1", "--ref-repeat", "1"], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    assert [c["name"] for c in report["cases"]] == cases.split(",")
+    for case in report["cases"]:
+        assert case["identical_within_1e_6"], case
+        assert case["evaluator_s"] > 0 and case["reference_s"] > 0
+    assert report["cases"][0]["shape"] == [950, 301]  # quarter of the queries, the full SYSU gallery
