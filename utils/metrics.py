@@ -124,9 +124,8 @@ class _Gallery:
 
 def _removed(protocol, q_cam, g_cam):
     """Removal rule of spec 3.2 for gallery items of the query's own identity, broadcasting;
-    None when the protocol removes none."""
-    if protocol == "sysu":
-        return (q_cam == 3) & (g_cam == 2)
+    None when the protocol removes none. (The sysu rule removes items of every identity and
+    is applied by _row_groups instead.)"""
     if protocol in ("llcm", "market"):
         return g_cam == q_cam
     return None
@@ -280,15 +279,13 @@ def _evaluate_rows(D, qidx, qcam, gal, protocol, budget_bytes, row_ids):
     """Per-row valid flag, AP, INP, first-hit rank and distinct-identity rank of a block of
     rows [c, n] whose protocol removes no item of another identity (module docstring).
     row_ids [c]: the rows' query indices, for error messages."""
-    c, n = D.shape
+    c = D.shape[0]
     dev = D.device
     dist, col, kept = _members(D, qidx, qcam, gal, protocol)
     m = dist.shape[1]
     R = kept.sum(1)
-    last = dist.gather(1, (torch.cumsum(kept, 1) == R[:, None]).int().argmax(1, keepdim=True)).squeeze(1)
-    cap = torch.where(R > 0, torch.nextafter(last, torch.full_like(last, float("inf"))),
-                      torch.full_like(last, -float("inf")))
-    before, next_equal, has_nan = _search_rows(D, cap, dist)
+    last = dist.masked_fill(~kept, -float("inf")).amax(1)
+    before, next_equal, has_nan = _search_rows(D, torch.nextafter(last, torch.full_like(last, float("inf"))), dist)
     if bool(has_nan.any()):
         raise ValueError("distmat contains NaN (query row %d)" % int(row_ids[has_nan][0]))
     tie = kept & next_equal
@@ -302,7 +299,7 @@ def _evaluate_rows(D, qidx, qcam, gal, protocol, budget_bytes, row_ids):
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     ap = torch.where(kept, (kept_before + 1).to(torch.float64) / rank, zero).sum(1) / Rf
     inp = Rf / torch.where(kept, rank, torch.zeros_like(rank)).amax(1).clamp(min=1)
-    first = torch.where(kept, rank, torch.full_like(rank, n + 1)).argmin(1, keepdim=True)
+    first = kept.int().argmax(1, keepdim=True)  # the first kept member ranks first
     first_rank = rank.gather(1, first).squeeze(1)
     distinct_rank = _distinct_rank(D, qidx, gal, dist.gather(1, first).squeeze(1), col.gather(1, first).squeeze(1),
                                    tie.gather(1, first).squeeze(1), (R > 0) & (first_rank > 1), budget_bytes)
@@ -376,7 +373,7 @@ def evaluate(distmat, q_pids, g_pids, q_camids=None, g_camids=None, protocol=Non
         for s in range(0, n_rows, step):
             e = min(s + step, n_rows)
             index = slice(s, e) if rows is None else rows[s:e]
-            chunk = D[index] if rows is None else D.index_select(0, index)
+            chunk = D[index]
             if cols is not None:
                 chunk = chunk.index_select(1, cols)
             if chunk.dtype in (torch.float16, torch.bfloat16):
