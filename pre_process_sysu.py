@@ -1,9 +1,10 @@
 """Preprocess SYSU-MM01 for training: four .npy arrays in the dataset root.
 
-    python pre_process_sysu.py [--root DIR] [--size W H] [--workers N] [--force]
+    python pre_process_sysu.py [--root DIR] [--size W H] [--filter lanczos|bilinear] [--workers N] [--force]
 
 Released semantics (train + val ids, ascending-id labels, RGB cams 1,2,4,5 / IR cams 3,6,
-LANCZOS resize to W x H, default 192 x 384 for CMFN); see data/sysu.py. A rerun with
+LANCZOS resize to W x H, default 192 x 384 for CMFN; IV-REID trains at 128 x 384 with
+--filter bilinear, kept in arrays of their own); see data/datasets/sysu.py. A rerun with
 up-to-date arrays does nothing.
 """
 import argparse
@@ -11,7 +12,8 @@ import json
 import sys
 
 from data.errors import DatasetError
-from data.sysu import DEFAULT_SIZE, preprocess_sysu
+from data.image_io import RESAMPLE
+from data.datasets.sysu import DEFAULT_SIZE, preprocess_sysu
 from utils.config import build_config
 
 
@@ -20,12 +22,15 @@ def main(argv=None):
     parser.add_argument("--root", default=None, help="dataset root (default: DATASET.ROOT of configs/sysu.yaml)")
     parser.add_argument("--size", nargs=2, type=int, default=list(DEFAULT_SIZE), metavar=("W", "H"),
                         help="output width and height (default %d %d)" % DEFAULT_SIZE)
+    parser.add_argument("--filter", choices=sorted(RESAMPLE), default="lanczos",
+                        help="resize filter (INPUT.RESIZE_FILTER; default lanczos)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPUs)")
     parser.add_argument("--force", action="store_true", help="rewrite the arrays even when up to date")
     args = parser.parse_args(argv)
     root = args.root or build_config("sysu").DATASET.ROOT
     try:
-        summary = preprocess_sysu(root, tuple(args.size), workers=args.workers, force=args.force)
+        summary = preprocess_sysu(root, tuple(args.size), workers=args.workers, force=args.force,
+                                  resample=args.filter)
     except DatasetError as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 2

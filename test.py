@@ -1,4 +1,4 @@
-"""Evaluate trained checkpoints on SYSU-MM01, RegDB or LLCM (spec training_recipe.md 4).
+"""Evaluate trained checkpoints with the standard protocols (SYSU-MM01, RegDB, LLCM, ...).
 
 Examples::
 
@@ -8,17 +8,19 @@ Examples::
     python test.py --dataset regdb --trial all            # runs/regdb_trial{1..10}/best.pth
     python test.py --dataset regdb --trial all --resume 'ckpts/trial{trial}.pth'
     python test.py --dataset llcm --direction vis2ir --resume CKPT TEST.FEATURE mix
+    python test.py --method ivreid --dataset sysu --resume runs/ivreid_sysu/best.pth
 
 The model (its MODEL.* config and weights) comes from the checkpoint; the dataset and test
-settings come from the command line (--dataset/--config, the flags below, then trailing
-KEY VALUE overrides). Query features and the features of every gallery image any trial uses
-are extracted once; each trial is a column subset of one distance matrix
-(utils.features.evaluate_features).
+settings come from the command line (--method/--dataset/--config, the flags below, then
+trailing KEY VALUE overrides). The embedding (TEST.FEATURE) is one of the model's presets,
+by default the model's own. Query features and the features of every gallery image any trial
+uses are extracted once; each trial is a column subset of one distance matrix
+(evaluation.embeddings.evaluate_features).
 
 Output: the table (per trial with --verbose) and a JSON file with every figure (fractions
-0..1) and the exact protocol, default ``<checkpoint dir>/test_<dataset>_<mode|direction>...
-.json``. --save-features DIR keeps the features (.npy) with ids, cameras, paths and trials;
---visrank K draws ranked galleries; --plot-cmc draws the CMC curve.
+0..1) and the exact protocol, default ``<checkpoint dir>/test_<dataset>_<protocol tags>.json``.
+--save-features DIR keeps the features (.npy) with ids, cameras, paths and trials; --visrank K
+draws ranked galleries; --plot-cmc draws the CMC curve.
 """
 import argparse
 import datetime
@@ -29,29 +31,19 @@ import time
 import numpy as np
 import torch
 
-from utils.checkpoint import file_sha256, load_checkpoint
-from utils.config import (
-    ConfigError,
-    add_config_arguments,
-    config_from_args,
-    config_from_string,
-    default_output_dir,
-)
-from utils.features import (
-    FEATURE_CHOICES,
-    FLIP_MODES,
-    evaluate_features,
-    extract_split_features,
-    save_features,
-)
+from engine.checkpoint import file_sha256, load_checkpoint
+from engine.distributed import resolve_device
+from evaluation.embeddings import embedding_weights, evaluate_features, extract_split_features, save_features
+from evaluation.trials import SCALARS
+from utils.config import CHOICES, add_config_arguments, config_from_args, config_from_string, default_output_dir
+from utils.errors import UserError, run_cli
 from utils.io import save_json
 
-REGDB_TRIALS = tuple(range(1, 11))
-METRICS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 
-
-class TestError(RuntimeError):
+class TestError(UserError):
     """A bad combination of options or a missing input file; the message says which."""
+
+    __test__ = False  # not a pytest test class
 
 
 def build_parser():
@@ -60,18 +52,21 @@ def build_parser():
         epilog="Trailing KEY VALUE pairs override config keys (after the flags).",
     )
     parser.add_argument("--resume", help="checkpoint to evaluate; for --trial all a pattern with {trial}")
-    parser.add_argument("--mode", choices=("all", "indoor"), help="SYSU search mode (TEST.MODE)")
-    parser.add_argument("--gallery", choices=("seeded", "official"), help="gallery sampling (TEST.GALLERY)")
-    parser.add_argument("--shots", type=int, choices=(1, 10), help="gallery images per id and camera (TEST.SHOTS)")
-    parser.add_argument("--direction", choices=("ir2vis", "vis2ir"), help="query -> gallery modality (TEST.DIRECTION)")
+    parser.add_argument("--mode", choices=CHOICES["TEST.MODE"], help="SYSU search mode (TEST.MODE)")
+    parser.add_argument("--gallery", choices=CHOICES["TEST.GALLERY"], help="gallery sampling (TEST.GALLERY)")
+    parser.add_argument("--shots", type=int, help="gallery images per id and camera, e.g. 1 or 10 "
+                        "(TEST.SHOTS)")
+    parser.add_argument("--direction", choices=CHOICES["TEST.DIRECTION"], help="query -> gallery modality "
+                        "(TEST.DIRECTION)")
     parser.add_argument("--trial", help="RegDB trial 1..10 (DATASET.TRIAL) or 'all'")
     parser.add_argument("--num-trials", type=int, help="SYSU/LLCM gallery trials (TEST.NUM_TRIALS)")
-    parser.add_argument("--feature", choices=FEATURE_CHOICES, help="embedding used for ranking (TEST.FEATURE)")
-    parser.add_argument("--distance", choices=("cosine", "euclidean"), help="TEST.DISTANCE")
+    parser.add_argument("--feature", help="embedding preset of the model used for ranking (TEST.FEATURE; CMFN: "
+                        "sum6, mix, orig, pool, bn; IV-REID: bn, pool)")
+    parser.add_argument("--distance", choices=CHOICES["TEST.DISTANCE"], help="TEST.DISTANCE")
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (TEST.RERANK)")
     parser.add_argument("--no-flip", action="store_true", help="no flip TTA (TEST.FLIP False)")
-    parser.add_argument("--flip-mode", choices=FLIP_MODES, help="TEST.FLIP_MODE")
-    parser.add_argument("--amp", choices=("none", "bf16"), help="autocast during extraction (TEST.AMP)")
+    parser.add_argument("--flip-mode", choices=CHOICES["TEST.FLIP_MODE"], help="TEST.FLIP_MODE")
+    parser.add_argument("--amp", choices=CHOICES["TEST.AMP"], help="autocast during extraction (TEST.AMP)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (DEVICE)")
     parser.add_argument("--output", help="result JSON path")
     parser.add_argument("--save-features", metavar="DIR", help="save features, ids, cameras, paths, trials")
@@ -102,22 +97,8 @@ def flag_overrides(args):
     return opts
 
 
-def parse_trials(args, cfg):
-    """The RegDB trials to evaluate ([None] = the single configured split of SYSU/LLCM)."""
-    if args.trial is None:
-        return [cfg.DATASET.TRIAL] if cfg.DATASET.NAME == "regdb" else [None]
-    if cfg.DATASET.NAME != "regdb":
-        raise TestError("--trial applies to RegDB only (dataset is %s; its gallery trials are "
-                        "set by --num-trials)" % cfg.DATASET.NAME)
-    if args.trial == "all":
-        return list(REGDB_TRIALS)
-    if cfg.DATASET.TRIAL not in REGDB_TRIALS:
-        raise TestError("--trial must be 1..10 or 'all', got %r" % args.trial)
-    return [cfg.DATASET.TRIAL]
-
-
 def checkpoint_for(args, cfg, trial):
-    """Checkpoint path of one evaluation (trial None for SYSU/LLCM)."""
+    """Checkpoint path of one evaluation (`trial` None for a dataset without list trials)."""
     if args.resume:
         if "{trial}" in args.resume:
             if trial is None:
@@ -134,38 +115,16 @@ def checkpoint_for(args, cfg, trial):
             raise TestError("OUTPUT_DIR is set (%s), so every trial would read %s; give --resume a pattern "
                             "such as '<root>/regdb_trial{trial}/best.pth'"
                             % (cfg.OUTPUT_DIR, os.path.join(cfg.OUTPUT_DIR, "best.pth")))
-        trial_cfg = cfg.clone()
-        trial_cfg.defrost()
-        trial_cfg.DATASET.TRIAL = trial
-        return os.path.join(default_output_dir(trial_cfg), "best.pth")
+        return os.path.join(default_output_dir(cfg), "best.pth")
     raise TestError("--resume CHECKPOINT is required (the checkpoint to evaluate)")
 
 
-def resolve_device(spec):
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise TestError("DEVICE must be auto, cpu, cuda or cuda:N, got %r" % spec) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TestError("DEVICE %s requested but CUDA is not available" % spec)
-    return device
-
-
-def default_output_path(cfg, ckpt_paths, trials):
+def default_output_path(cfg, dataset_cls, default_embedding, ckpt_paths, trials):
     """<checkpoint dir>/test_<dataset>_<protocol tags>.json (tags only for non-defaults)."""
-    name = cfg.DATASET.NAME
-    tags = [name]
-    if name == "regdb":
-        tags += [cfg.TEST.DIRECTION, "trials" if len(trials) > 1 else "trial%d" % trials[0]]
-    else:
-        if name != "llcm":
-            tags.append(cfg.TEST.MODE)
-        if name == "llcm" or cfg.TEST.DIRECTION != "ir2vis":
-            tags.append(cfg.TEST.DIRECTION)
-        tags += [cfg.TEST.GALLERY, "%dshot" % cfg.TEST.SHOTS]
-    if cfg.TEST.FEATURE != "sum6":
+    tags = [cfg.DATASET.NAME] + dataset_cls.result_tags(cfg)
+    if trials != [None]:
+        tags.append("trials" if len(trials) > 1 else "trial%d" % trials[0])
+    if cfg.TEST.FEATURE and cfg.TEST.FEATURE != default_embedding:
         tags.append(cfg.TEST.FEATURE)
     if cfg.TEST.DISTANCE != "cosine":
         tags.append(cfg.TEST.DISTANCE)
@@ -179,9 +138,11 @@ def default_output_path(cfg, ckpt_paths, trials):
     return os.path.join(folder, "test_%s.json" % "_".join(tags))
 
 
-def protocol_settings(cfg):
+def protocol_settings(cfg, model):
     t = cfg.TEST
+    preset = t.FEATURE or type(model).default_embedding
     return {
+        "method": cfg.METHOD,
         "dataset": cfg.DATASET.NAME,
         "root": cfg.DATASET.ROOT,
         "mode": t.MODE,
@@ -189,7 +150,10 @@ def protocol_settings(cfg):
         "gallery": t.GALLERY,
         "shots": t.SHOTS,
         "num_trials": t.NUM_TRIALS,
-        "feature": t.FEATURE,
+        "trial_seeds": list(t.TRIAL_SEEDS),
+        "feature": preset,
+        "embedding": {"model": type(model).__name__, "preset": preset,
+                      "weights": [[name, w] for name, w in embedding_weights(model, preset)]},
         "distance": t.DISTANCE,
         "flip": t.FLIP,
         "flip_mode": t.FLIP_MODE,
@@ -205,8 +169,8 @@ def protocol_settings(cfg):
 
 
 def aggregate(per_trial):
-    """Mean and population standard deviation (ddof 0, as utils.evaluation) of per-trial figures."""
-    keys = [k for k in per_trial[0] if k in METRICS]
+    """Mean and population standard deviation (ddof 0, as evaluation.trials) of per-trial figures."""
+    keys = [k for k in per_trial[0] if k in SCALARS]
     mean = {k: float(np.mean([r[k] for r in per_trial])) for k in keys}
     std = {k: float(np.std([r[k] for r in per_trial])) for k in keys}
     cmc = np.array([r["cmc"] for r in per_trial], dtype=np.float64)
@@ -243,6 +207,7 @@ def load_model_checked(path, cfg, device):
 
 def run_split(model, split, cfg, device, ckpt_path):
     """Extract the split's features once and evaluate every gallery trial."""
+    weights = embedding_weights(model, cfg.TEST.FEATURE)
     t0 = time.time()
     qfeats, gfeats, used, trials = extract_split_features(model, split, cfg, device)
     t1 = time.time()
@@ -252,22 +217,15 @@ def run_split(model, split, cfg, device, ckpt_path):
             if bad:
                 raise TestError("%s: %d %s images have non-finite %s features (diverged or corrupt weights?)"
                                 % (ckpt_path, bad, side, name))
-    result = evaluate_features(qfeats, gfeats, split, cfg, used, trials, device=device)
+    result = evaluate_features(qfeats, gfeats, split, cfg, weights, used, trials, device=device)
     t2 = time.time()
     timing = {"extract_s": round(t1 - t0, 3), "metric_s": round(t2 - t1, 3),
               "images": len(split.query) + len(used)}
     return qfeats, gfeats, used, trials, result, timing
 
 
-def parse_queries(text):
-    text = str(text).strip()
-    if "," in text:
-        return [int(i) for i in text.split(",") if i.strip()]
-    return int(text)
-
-
 def visualize(args, cfg, split, used, trials, distmat, out_stem):
-    from utils.plots import save_rank_grids
+    from evaluation.plots import parse_queries, save_rank_grids
 
     cols = trials[0]
     gallery_idx = used[cols]
@@ -284,34 +242,30 @@ def visualize(args, cfg, split, used, trials, distmat, out_stem):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args, flag_overrides(args))
-    except ConfigError as exc:
-        raise TestError(str(exc)) from None
-    trials = parse_trials(args, cfg)
-    ckpt_paths = [checkpoint_for(args, cfg, t) for t in trials]
+    from data import build_test_split
+    from data.registry import DATASETS
+
+    args = build_parser().parse_intermixed_args(argv)
+    cfg = config_from_args(args, flag_overrides(args), check_feature=False)
+    dataset_cls = DATASETS.get(cfg.DATASET.NAME)
+    trials = dataset_cls.test_runs(cfg, args.trial)
+    run_cfgs = [dataset_cls.trial_config(cfg, t) for t in trials]
+    ckpt_paths = [checkpoint_for(args, c, t) for c, t in zip(run_cfgs, trials)]
     missing = [p for p in ckpt_paths if not os.path.isfile(p)]
     if missing:
         raise TestError("checkpoint not found: %s%s" % (
             missing[0], "" if len(missing) == 1 else " (and %d more: %s)" % (len(missing) - 1, ", ".join(missing[1:]))))
     device = resolve_device(cfg.DEVICE)
-    output = args.output or default_output_path(cfg, ckpt_paths, [t for t in trials if t is not None] or [0])
-    out_stem = os.path.splitext(output)[0]
-    settings = protocol_settings(cfg)
-    from data import build_test_split
-
+    output = settings = None
     per_trial, runs, checkpoints = [], [], []
-    for trial, path in zip(trials, ckpt_paths):
-        run_cfg = cfg
-        if trial is not None and trial != cfg.DATASET.TRIAL:
-            run_cfg = cfg.clone()
-            run_cfg.defrost()
-            run_cfg.DATASET.TRIAL = trial
-            run_cfg.freeze()
+    for trial, run_cfg, path in zip(trials, run_cfgs, ckpt_paths):
         split = build_test_split(run_cfg, trial=trial)  # dataset errors before the model loads
         model, meta = load_model_checked(path, run_cfg, device)
+        if output is None:
+            settings = protocol_settings(cfg, model)
+            output = args.output or default_output_path(cfg, dataset_cls, type(model).default_embedding, ckpt_paths,
+                                                         trials)
+            out_stem = os.path.splitext(output)[0]
         qfeats, gfeats, used, gtrials, result, timing = run_split(model, split, run_cfg, device, path)
         del model
         distmat = result.pop("distmat")
@@ -338,16 +292,15 @@ def main(argv=None):
 
     mean, std = aggregate(per_trial)
     summary = {"per_trial": per_trial, "mean": mean, "std": std}
-    from utils.evaluation import format_table
+    from evaluation.trials import format_table
 
-    title = "%s %s (%s, %s)" % (cfg.DATASET.NAME, " ".join(
-        v for v in (cfg.TEST.MODE if cfg.DATASET.NAME in ("sysu", "demo") else "", cfg.TEST.DIRECTION) if v),
-        cfg.TEST.FEATURE, "flip " + cfg.TEST.FLIP_MODE if cfg.TEST.FLIP else "no flip")
+    title = "%s %s (%s, %s)" % (cfg.DATASET.NAME, " ".join(dataset_cls.result_tags(cfg)), settings["feature"],
+                                "flip " + cfg.TEST.FLIP_MODE if cfg.TEST.FLIP else "no flip")
     print(format_table(dict(summary, num_trials=len(per_trial)), title, verbose=args.verbose))
 
     record = {
         "settings": settings,
-        "regdb_trials": [t for t in trials if t is not None],
+        "list_trials": [t for t in trials if t is not None],
         "checkpoints": checkpoints,
         "runs": runs,
         "per_trial": per_trial,
@@ -361,19 +314,18 @@ def main(argv=None):
     save_json(output, record)
     print("wrote %s" % output)
     if args.plot_cmc:
-        from utils.plots import plot_cmc
+        from evaluation.plots import plot_cmc
 
-        plot_cmc([(cfg.TEST.FEATURE, mean["cmc"], std["cmc"] if len(per_trial) > 1 else None)],
+        plot_cmc([(settings["feature"], mean["cmc"], std["cmc"] if len(per_trial) > 1 else None)],
                  out_stem + "_cmc.png", title=title)
         print("wrote %s" % (out_stem + "_cmc.png"))
     return record
 
 
-if __name__ == "__main__":
-    from data import DatasetError
-    from utils.checkpoint import CheckpointError
+def cli(argv=None):
+    main(argv)
+    return 0
 
-    try:
-        main()
-    except (TestError, ConfigError, DatasetError, CheckpointError) as exc:
-        sys.exit("error: %s" % exc)
+
+if __name__ == "__main__":
+    sys.exit(run_cli(cli))

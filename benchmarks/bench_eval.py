@@ -1,4 +1,4 @@
-"""Speed of utils.metrics.evaluate against the per-query loop reference (tests/reference_eval.py).
+"""Speed of evaluation.metrics.evaluate against the per-query loop reference (tests/reference_eval.py).
 
 Synthetic L2-normalised features (identity centre + Gaussian noise) give float32 distance
 matrices -(q @ g.T) at the sizes of the benchmarks' test sets; both evaluators run on the
@@ -12,7 +12,7 @@ keeps its fastest run: --repeat for the evaluator, --ref-repeat for the referenc
 Cases: SYSU all-search single-shot (3803 x 301) and multi-shot (3803 x 3010), RegDB
 (2060 x 2060), LLCM-like (8000 x 7000, at two noise levels) and Market-like (3368 x 15913),
 plus "sysu_10_trials": the metric part of a full SYSU evaluation, 10 single-shot trials
-sliced from one 3803 x (all candidates) matrix by utils.evaluation.evaluate_trials.
+sliced from one 3803 x (all candidates) matrix by evaluation.trials.evaluate_trials.
 
     python benchmarks/bench_eval.py [--quick] [--threads 1] [--repeat 3] [--ref-repeat 2]
 """
@@ -38,8 +38,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from reference_eval import reference_evaluate  # noqa: E402
-from utils.evaluation import evaluate_trials  # noqa: E402
-from utils.metrics import evaluate  # noqa: E402
+from evaluation.trials import evaluate_trials  # noqa: E402
+from evaluation.metrics import evaluate  # noqa: E402
 
 DIM = 64
 # Feature noise per case, chosen so the synthetic retrieval figures resemble published ones

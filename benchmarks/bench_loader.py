@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 from data.image_io import default_workers  # noqa: E402
 from data.loader import build_train_loader  # noqa: E402
 from data.synthetic import write_llcm, write_regdb, write_sysu  # noqa: E402
-from data.sysu import DEFAULT_SIZE, preprocess_sysu, training_listing  # noqa: E402
+from data.datasets.sysu import DEFAULT_SIZE, preprocess_sysu, training_listing  # noqa: E402
 from utils.config import build_config  # noqa: E402
 
 

@@ -2,14 +2,14 @@
 
 Prints one JSON object:
 
-* ``extraction``: images/s of utils.features.extract_features (DataLoader, flip TTA as
+* ``extraction``: images/s of evaluation.embeddings.extract_features (DataLoader, flip TTA as
   configured, all 6 feature sets) on in-memory random images, so disk decoding is excluded.
   fp32 is the baseline for bf16 (TEST.AMP) in the same run.
 * ``metric``: the SYSU all-search 10-trial evaluation at full size on synthetic features:
   3,803 queries, 96 identities x 4 RGB cameras of gallery candidates (about 6,800 images),
   10 seeded single-shot trials of one image per (id, camera), 6 x 2048-d features. Timed:
   this project's path (one sum6 matmul over the gallery images any trial uses, then
-  utils.evaluation.evaluate_trials on column subsets) against the released path measured
+  evaluation.trials.evaluate_trials on column subsets) against the released path measured
   on trial 0 here (6 matmuls per trial on that trial's gallery + the loop reference metric of
   tests/reference_eval.py), reported per trial and x10.
 
@@ -32,7 +32,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from utils.config import build_config  # noqa: E402
-from utils.features import distance_from_features, extract_features, used_gallery_columns  # noqa: E402
+from evaluation.embeddings import distance_from_features, extract_features, used_gallery_columns  # noqa: E402
 
 
 class RandomImages(Dataset):
@@ -122,7 +122,7 @@ def synthetic_features(rng, pids, centres, noise):
 
 
 def bench_metric(args):
-    from utils.evaluation import evaluate_trials
+    from evaluation.trials import evaluate_trials
 
     rng = np.random.default_rng(0)
     split = sysu_like_split(rng)

@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from utils.config import build_config  # noqa: E402
-from utils.distributed import resolve_device  # noqa: E402
-from utils.training import MixedPrecision, seed_everything  # noqa: E402
+from engine.distributed import resolve_device  # noqa: E402
+from engine.training import MixedPrecision, seed_everything  # noqa: E402
 
 MODES = {
     "fp32": ("none", False),
@@ -67,7 +67,7 @@ def parse_args(argv=None):
 def prepare_data(root, size_hw):
     """A synthetic SYSU-layout dataset with training arrays at `size_hw` (reused if present)."""
     from data.synthetic import write_sysu
-    from data.sysu import preprocess_sysu
+    from data.datasets.sysu import preprocess_sysu
 
     if not os.path.isfile(os.path.join(root, "exp", "train_id.txt")):
         write_sysu(root, num_train=24, num_val=6, num_test=4, seed=0, images_per_cam=6, workers=os.cpu_count())
@@ -78,7 +78,7 @@ def bench_mode(cfg, device, amp_mode, channels_last, warmup, iters):
     from data import build_train_loader
     from loss import build_loss
     from model import build_model
-    from utils.solver import build_optimizer, build_scheduler
+    from engine.solver import build_optimizer, build_scheduler
 
     seed_everything(cfg.SEED)
     loader, sampler, train_set = build_train_loader(cfg)

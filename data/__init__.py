@@ -1,13 +1,15 @@
 """Datasets, sampling and transforms for visible-infrared person re-identification.
 
-Public API (CONTRACTS.md, data/):
+Public API (the contracts are described in ``docs/architecture.md``):
 
-* ``build_train_set(cfg)``, ``build_train_loader(cfg, rank, world_size)``,
-  ``CrossModalitySampler``;
+* ``build_train_set(cfg)``, ``build_train_loader(cfg, rank, world_size)``, ``TrainItems``,
+  ``SAMPLERS`` (name -> sampler class), ``CrossModalitySampler``, ``SamplePair``,
+  ``SampleIndex``;
 * ``build_test_split(cfg, trial)``, ``build_val_split(cfg)``, ``TestSplit``, ``ImageList``,
   ``TestImageDataset``;
 * ``ensure_demo_dataset(cfg)``, ``preprocess_sysu(root, size, workers)``;
-* ``DATASETS`` (name -> class registry: sysu, regdb, llcm, demo), ``DatasetError``.
+* ``DATASETS`` (name -> dataset class: sysu, regdb, llcm, demo), ``get_dataset(cfg)``,
+  ``DatasetError``.
 
 Names are imported on first access, so light tools (``pre_process_sysu.py``,
 ``tools/make_synthetic_dataset.py``) do not pay for importing torch.
@@ -17,14 +19,16 @@ import importlib
 _EXPORTS = {
     "DATASETS": "data.registry",
     "get_dataset": "data.registry",
-    "register": "data.registry",
+    "SAMPLERS": "data.samplers.registry",
+    "SampleIndex": "data.samplers.base",
+    "TrainItems": "data.items",
     "DatasetError": "data.errors",
-    "ensure_demo_dataset": "data.demo",
+    "ensure_demo_dataset": "data.datasets.demo",
     "TestImageDataset": "data.image_dataset",
     "build_train_loader": "data.loader",
-    "CrossModalitySampler": "data.sampler",
-    "SamplePair": "data.sampler",
-    "preprocess_sysu": "data.sysu",
+    "CrossModalitySampler": "data.samplers.cross_modality",
+    "SamplePair": "data.samplers.base",
+    "preprocess_sysu": "data.datasets.sysu",
     "ImageList": "data.testsets",
     "TestSplit": "data.testsets",
     "build_test_split": "data.testsets",
@@ -42,10 +46,6 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError("module 'data' has no attribute %r" % name)
-    if name == "DATASETS":
-        from data.registry import load_builtin_datasets
-
-        load_builtin_datasets()
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

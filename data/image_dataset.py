@@ -1,7 +1,8 @@
 """Test-time image dataset: paths -> normalised tensors at INPUT.SIZE_TEST.
 
 ``TestImageDataset(paths, cfg)[k]`` -> ``(img [3, H, W] float32, k)``: PIL open, RGB, LANCZOS
-resize to (W, H), ToTensor, Normalize(PIXEL_MEAN, PIXEL_STD) (spec 2.2, test transform).
+resize to (W, H), ToTensor, Normalize(PIXEL_MEAN, PIXEL_STD): the released test transform,
+with no crop or padding.
 Missing files are reported at construction (one error listing them); an image that cannot be
 decoded raises a DatasetError naming its path.
 """

@@ -1,6 +1,8 @@
-"""Image decoding shared by every dataset: open as RGB, LANCZOS-resize, decode many in parallel.
+"""Image decoding shared by every dataset: open as RGB, resize, decode many in parallel.
 
-``decode_resized(paths, (W, H))`` returns a uint8 array [N, H, W, 3] (or fills a given one,
+Resizing uses one of :data:`RESAMPLE` (``INPUT.RESIZE_FILTER``): ``lanczos`` (the released
+CMFN code, PIL's LANCZOS = the old ANTIALIAS) or ``bilinear`` (PIL's antialiased bilinear, the
+torchvision ``Resize`` default that IV-REID uses). ``decode_resized(paths, (W, H))`` returns a uint8 array [N, H, W, 3] (or fills a given one,
 e.g. a memory-mapped .npy file). Decoding runs in a thread pool: Pillow releases the GIL
 while it decodes and resamples, so threads scale across cores without copying pixels between
 processes. A file that cannot be decoded raises one :class:`DatasetError` listing every bad
@@ -15,6 +17,7 @@ from PIL import Image
 from data.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
 # Images decoded per task: large enough to amortise scheduling, small enough to balance.
 _CHUNK = 64
 
@@ -39,12 +42,16 @@ def open_image(path):
         raise DatasetError("cannot decode image %s (%s: %s)" % (path, type(exc).__name__, exc)) from None
 
 
-def load_resized(path, size):
-    """uint8 [H, W, 3] of `path` resized to `size` = (W, H) with LANCZOS (= old ANTIALIAS)."""
-    img = open_image(path)
+def resize_image(img, size, resample="lanczos"):
+    """The PIL image `img` at `size` = (W, H) with the filter named `resample` (unchanged if already)."""
     if img.size != tuple(size):
-        img = img.resize(tuple(size), Image.LANCZOS)
-    return np.asarray(img)
+        img = img.resize(tuple(size), RESAMPLE[resample])
+    return img
+
+
+def load_resized(path, size, resample="lanczos"):
+    """uint8 [H, W, 3] of `path` resized to `size` = (W, H) with the filter named `resample`."""
+    return np.asarray(resize_image(open_image(path), size, resample))
 
 
 def default_workers():
@@ -55,17 +62,17 @@ def default_workers():
         return max(1, os.cpu_count() or 1)
 
 
-def _decode_chunk(paths, size, out, start):
+def _decode_chunk(paths, size, out, start, resample):
     bad = []
     for k, path in enumerate(paths):
         try:
-            out[start + k] = load_resized(path, size)
+            out[start + k] = load_resized(path, size, resample)
         except DatasetError as exc:
             bad.append(str(exc))
     return bad
 
 
-def decode_resized(paths, size, out=None, workers=None, progress=None):
+def decode_resized(paths, size, out=None, workers=None, progress=None, resample="lanczos"):
     """Decode `paths` into `out` (created if None) = uint8 [N, H, W, 3] at `size` = (W, H).
 
     `progress`: a description string to show a tqdm bar, or None for none.
@@ -87,13 +94,14 @@ def decode_resized(paths, size, out=None, workers=None, progress=None):
     try:
         if workers == 1:
             for s in starts:
-                bad += _decode_chunk(paths[s:s + _CHUNK], (width, height), out, s)
+                bad += _decode_chunk(paths[s:s + _CHUNK], (width, height), out, s, resample)
                 if bar is not None:
                     bar.update(len(paths[s:s + _CHUNK]))
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 futures = [
-                    (pool.submit(_decode_chunk, paths[s:s + _CHUNK], (width, height), out, s), len(paths[s:s + _CHUNK]))
+                    (pool.submit(_decode_chunk, paths[s:s + _CHUNK], (width, height), out, s, resample),
+                     len(paths[s:s + _CHUNK]))
                     for s in starts
                 ]
                 for future, n in futures:

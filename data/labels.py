@@ -1,8 +1,9 @@
 """Training-label checks shared by every dataset.
 
-The identity sampler indexes identities by label value (spec 2.1), so the labels of a
-training set must be the contiguous range 0..C-1 and every identity must have images in
-both modalities. Anything else is one DatasetError naming the sources.
+The identity sampler indexes identities by label value (as the released IdentitySampler
+does) and the classifier has one output per label, so the labels of a training set must be
+the contiguous range 0..C-1, and every identity must have images in both modalities.
+Anything else is one DatasetError naming the sources.
 """
 import numpy as np
 

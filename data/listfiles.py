@@ -1,9 +1,9 @@
 """Readers for the datasets' text files: comma-separated id files and "<path> <label>" lists.
 
 * ID files (SYSU ``exp/*_id.txt``, LLCM ``idx/test_id.txt``): only the first line is read;
-  it holds comma-separated integer ids (spec 1.1).
+  it holds comma-separated integer ids, as the released readers parse it.
 * Label lists (RegDB ``idx/*_{t}.txt``, LLCM ``idx/train_*.txt``): one ``<relative path>
-  <int label>`` per line, the path relative to the dataset root (spec 1.2, 1.3).
+  <int label>`` per line, the path relative to the dataset root (datasets/README.md).
 
 Errors name the file (and line) and what was expected.
 """

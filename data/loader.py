@@ -1,28 +1,26 @@
-"""The training DataLoader: cross-modality sampler, per-rank batches, seeded workers.
+"""The training DataLoader: the configured sampler, per-rank batches, seeded workers.
 
 ``build_train_loader(cfg, rank, world_size)`` -> ``(loader, sampler, train_set)``. Each batch
-is ``(img_v [P*K/W, 3, H, W], img_i, label_v [P*K/W] int64, label_i)``, one rank's share of a
-global batch (spec ``training_recipe.md`` 3.3). Call ``sampler.set_epoch(epoch)`` before
-iterating an epoch; it also reseeds the loader's ``generator`` (worker seeds) from
-(cfg.SEED, epoch). ``len(loader)`` = SOLVER.ITERS_PER_EPOCH or int(N / (P*K)) + 1.
+is a dict (``images``, ``pids``, ``camids``, ``modality``, ``index``; layout of
+:mod:`data.samplers.base`), one rank's share of a global batch. Call
+``sampler.set_epoch(epoch)`` before iterating an epoch; it also reseeds the loader's
+``generator`` (worker seeds) from (cfg.SEED, epoch).
 """
 import torch
 from torch.utils.data import DataLoader
 
-from data.sampler import CrossModalitySampler
+from data.samplers.base import COLLATE
+from data.samplers.registry import SAMPLERS
 from data.train_set import build_train_set
-from utils.config import ConfigError
+from utils.errors import ConfigError
 
 
 def build_train_loader(cfg, rank=0, world_size=1):
     train_set = build_train_set(cfg)
-    num_ids, num_pos = int(cfg.DATALOADER.NUM_IDS), int(cfg.DATALOADER.NUM_POS)
+    num_ids = int(cfg.DATALOADER.NUM_IDS)
     if num_ids % world_size:
         raise ConfigError("DATALOADER.NUM_IDS = %d must be divisible by the world size %d" % (num_ids, world_size))
-    sampler = CrossModalitySampler(
-        train_set.rgb_labels, train_set.ir_labels, num_ids, num_pos, seed=cfg.SEED,
-        num_iters=int(cfg.SOLVER.ITERS_PER_EPOCH), rank=rank, world_size=world_size,
-    )
+    sampler = SAMPLERS.get(cfg.DATALOADER.SAMPLER).from_config(cfg, train_set, rank, world_size)
     generator = torch.Generator()
     sampler.generator = generator
     sampler.set_epoch(0)
@@ -32,6 +30,7 @@ def build_train_loader(cfg, rank=0, world_size=1):
         batch_size=sampler.batch_size,
         sampler=sampler,
         drop_last=True,
+        collate_fn=COLLATE[sampler.collate],
         num_workers=workers,
         pin_memory=bool(cfg.DATALOADER.PIN_MEMORY) and torch.cuda.is_available(),
         persistent_workers=bool(cfg.DATALOADER.PERSISTENT_WORKERS) and workers > 0,

@@ -1,40 +1,15 @@
-"""Dataset registry: ``DATASETS`` maps cfg.DATASET.NAME to a dataset class.
+"""The dataset registry: ``DATASETS.get(cfg.DATASET.NAME)`` is a dataset class.
 
-A dataset class is built as ``cls(cfg)`` and provides:
-
-* ``train_images(size)`` -> ``(rgb [N, H, W, 3] uint8, rgb_labels, ir [M, H, W, 3] uint8,
-  ir_labels)`` at ``size`` = (W, H) (arrays may be memory-mapped);
-* ``train_listing()`` -> ``(rgb ImageList, ir ImageList)`` of the training images with their
-  training labels as pids (used for the held-out validation split);
-* ``test_split(cfg, trial)`` -> :class:`data.testsets.TestSplit`.
-
-New datasets register with ``@register("name")``; the built-in ones (sysu, regdb, llcm,
-demo) are imported on first lookup.
+A dataset class subclasses :class:`data.datasets.base.ReIDDataset`, is built as ``cls(cfg)``
+and registers itself with ``@DATASETS.register("name")``; the built-in ones (sysu, regdb,
+llcm, demo) are imported on the first lookup.
 """
-import importlib
+from utils.registry import Registry
 
-from utils.config import ConfigError
-
-DATASETS = {}
-BUILTIN_MODULES = ("data.sysu", "data.regdb", "data.llcm", "data.demo")
-
-
-def load_builtin_datasets():
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
-def register(name):
-    def wrap(cls):
-        DATASETS[name] = cls
-        return cls
-
-    return wrap
+DATASETS = Registry("dataset", "DATASET.NAME", modules=(
+    "data.datasets.sysu", "data.datasets.regdb", "data.datasets.llcm", "data.datasets.demo"))
 
 
 def get_dataset(cfg):
-    load_builtin_datasets()
-    name = cfg.DATASET.NAME
-    if name not in DATASETS:
-        raise ConfigError("DATASET.NAME %r is not registered; available: %s" % (name, ", ".join(sorted(DATASETS))))
-    return DATASETS[name](cfg)
+    """The dataset of cfg.DATASET.NAME, built for `cfg`."""
+    return DATASETS.get(cfg.DATASET.NAME)(cfg)

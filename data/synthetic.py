@@ -24,9 +24,9 @@ Drawing works on a material map at twice the output size (one uint8 label per pi
 is then turned into colours or infrared intensities by a per-identity palette, shaded,
 downsampled with a box filter (anti-aliasing) and given camera noise.
 
-Layouts (spec ``datasets_and_protocols.md`` 1 and 4): :func:`write_sysu`, :func:`write_regdb`,
-:func:`write_llcm` write exactly the folder trees, list files and (SYSU) the official
-``exp/rand_perm_cam.mat`` permutation file that the real datasets have.
+Layouts (datasets/README.md): :func:`write_sysu`, :func:`write_regdb`, :func:`write_llcm`
+write exactly the folder trees, list files and (SYSU) the official ``exp/rand_perm_cam.mat``
+permutation file that the real datasets have.
 """
 import json
 import os

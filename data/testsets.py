@@ -9,11 +9,15 @@ sorted-id order and the dataset's camera order, files in sorted order):
 
 * ``seeded`` single-shot (released): ``random.seed(trial)`` then ``random.choice(files)``.
 * ``seeded`` multi-shot: ``random.seed(trial)`` then ``random.sample(files, min(shots, n))``.
+* ``seeded_cam_major`` (SYSU, released IV-REID): the same draws with the groups walked
+  camera-major instead: cameras in the mode's order (1, 2, 4, 5 or indoor 1, 2), inside a
+  camera the ids in sorted order.
 * ``official`` (SYSU ``exp/rand_perm_cam.mat``): the first ``shots`` numbers of row ``trial``
   of that identity's permutation in that camera name the files ``%04d.jpg``.
 
 (identity, camera) folders without images contribute nothing (the released code would fail
-on them).
+on them). The seeds of the seeded trials are ``TEST.TRIAL_SEEDS``, or 0..TEST.NUM_TRIALS-1
+when that list is empty.
 
 ``build_test_split(cfg, trial)`` and ``build_val_split(cfg)`` dispatch to the dataset
 registered under ``cfg.DATASET.NAME`` (``data/registry.py``).
@@ -27,6 +31,7 @@ from data.errors import DatasetError
 from utils.config import ConfigError
 
 DIRECTIONS = ("ir2vis", "vis2ir")
+GALLERIES = ("seeded", "official", "seeded_cam_major")
 
 
 @dataclass
@@ -94,20 +99,30 @@ def check_test_config(cfg):
     """The TEST.* values every builder relies on; ConfigError naming the key otherwise."""
     if cfg.TEST.DIRECTION not in DIRECTIONS:
         raise ConfigError("TEST.DIRECTION must be one of %s, got %r" % (", ".join(DIRECTIONS), cfg.TEST.DIRECTION))
-    if cfg.TEST.GALLERY not in ("seeded", "official"):
-        raise ConfigError("TEST.GALLERY must be 'seeded' or 'official', got %r" % cfg.TEST.GALLERY)
+    if cfg.TEST.GALLERY not in GALLERIES:
+        raise ConfigError("TEST.GALLERY must be one of %s, got %r" % (", ".join(GALLERIES), cfg.TEST.GALLERY))
     if cfg.TEST.SHOTS < 1:
         raise ConfigError("TEST.SHOTS must be >= 1, got %d" % cfg.TEST.SHOTS)
     if cfg.TEST.NUM_TRIALS < 1:
         raise ConfigError("TEST.NUM_TRIALS must be >= 1, got %d" % cfg.TEST.NUM_TRIALS)
     if cfg.TEST.MODE not in ("all", "indoor"):
         raise ConfigError("TEST.MODE must be 'all' or 'indoor', got %r" % cfg.TEST.MODE)
+    seeds = list(cfg.TEST.TRIAL_SEEDS)
+    if seeds and cfg.TEST.GALLERY == "official":
+        raise ConfigError("TEST.TRIAL_SEEDS %s applies to the seeded galleries; TEST.GALLERY official takes the rows "
+                          "0..TEST.NUM_TRIALS-1 of its permutation file (set TEST.TRIAL_SEEDS [])" % seeds)
+    if seeds and len(seeds) != cfg.TEST.NUM_TRIALS:
+        raise ConfigError("TEST.TRIAL_SEEDS lists %d seeds but TEST.NUM_TRIALS is %d; set both (or TEST.TRIAL_SEEDS [] "
+                          "for the seeds 0..NUM_TRIALS-1)" % (len(seeds), cfg.TEST.NUM_TRIALS))
 
 
 def trial_ids(cfg, trial):
-    """Trial numbers (= Python random seeds / rows of the .mat file): `trial` or 0..N-1."""
+    """Trial numbers (= Python random seeds / rows of the .mat file): `trial`, else
+    TEST.TRIAL_SEEDS, else 0..TEST.NUM_TRIALS-1."""
     if trial is not None:
         return [int(trial)]
+    if len(cfg.TEST.TRIAL_SEEDS):
+        return [int(s) for s in cfg.TEST.TRIAL_SEEDS]
     return list(range(cfg.TEST.NUM_TRIALS))
 
 
@@ -126,6 +141,14 @@ def seeded_trials(groups, trials, shots):
                 chosen += r.sample(g.indices, min(shots, len(g.indices)))
         out.append(np.asarray(chosen, dtype=np.int64))
     return out
+
+
+def seeded_cam_major_trials(groups, trials, shots, cams):
+    """Per trial, the seeded sampling over `groups` walked camera-major: cameras in the order
+    of `cams`, inside a camera the ids ascending."""
+    position = {cam: i for i, cam in enumerate(cams)}
+    ordered = sorted((g for g in groups if g.cam in position), key=lambda g: (position[g.cam], g.pid))
+    return seeded_trials(ordered, trials, shots)
 
 
 def _permutation_cells(mat_path):
@@ -178,7 +201,8 @@ def official_trials(groups, trials, shots, mat_path):
 def build_test_split(cfg, trial=None):
     """The test split of cfg.DATASET.NAME (see the module docstring and CONTRACTS TestSplit).
 
-    SYSU/LLCM: `trial` = one gallery trial (its seed), None = trials 0..TEST.NUM_TRIALS-1.
+    SYSU/LLCM: `trial` = one gallery trial (its seed), None = the trials of TEST.TRIAL_SEEDS
+    (empty: 0..TEST.NUM_TRIALS-1).
     RegDB: `trial` = the list files' trial 1..10 (default DATASET.TRIAL), one trial.
     """
     from data.registry import get_dataset

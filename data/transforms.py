@@ -1,4 +1,4 @@
-"""Training and test image transforms (spec ``training_recipe.md`` 3.2, ``datasets_and_protocols.md`` 2.2).
+"""Training and test image transforms: the released CMFN pipeline and CAJ's channel augmentations.
 
 Training, per image (uint8 [H, W, 3] array at the training size in, float32 [3, H, W] out):
 
@@ -21,7 +21,8 @@ gives each sampled pair its own generator seeded from (seed, epoch, position), s
 not depend on the number of workers or on earlier epochs); with ``None`` torch's global RNG
 is used.
 
-Test: PIL LANCZOS resize to SIZE_TEST (W, H), ToTensor, Normalize (no crop, no padding).
+Test: PIL resize to SIZE_TEST (W, H) with INPUT.RESIZE_FILTER (LANCZOS for CMFN, bilinear for
+IV-REID), ToTensor, Normalize (no crop, no padding).
 """
 import math
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.image_io import open_image
+from data.image_io import open_image, resize_image
 from utils.compat import torchvision  # noqa: F401  (registers the package for the import below)
 import torchvision.transforms.functional as TF  # noqa: E402
 
@@ -178,18 +179,17 @@ def build_train_transforms(cfg):
 
 
 class TestTransform:
-    """Path -> float32 [3, H, W]: PIL LANCZOS resize to SIZE_TEST, ToTensor, Normalize."""
+    """Path -> float32 [3, H, W]: PIL resize to SIZE_TEST (INPUT.RESIZE_FILTER), ToTensor, Normalize."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, cfg):
+        self.resample = cfg.INPUT.RESIZE_FILTER
         self.height, self.width = int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1])
         self.mean = torch.tensor(cfg.INPUT.PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(cfg.INPUT.PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, path):
-        img = open_image(path)
-        if img.size != (self.width, self.height):
-            img = img.resize((self.width, self.height), Image.LANCZOS)
+        img = resize_image(open_image(path), (self.width, self.height), self.resample)
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
         return x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std).contiguous()

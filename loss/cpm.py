@@ -1,4 +1,4 @@
-"""Center-guided pair mining (CPM, from DEEN; spec training_recipe.md 3.4, "CPM").
+"""Center-guided pair mining (CPM), the cross-modality pair loss CMFN keeps from DEEN.
 
 ``cpm_loss(feat [4B, D], labels [4B], margin=0.2) -> scalar``. The rows are four blocks of
 B: ``[V0; I0; Vk; Ik]`` (visible and infrared rows of the original copy, then of MBUE

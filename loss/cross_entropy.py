@@ -1,4 +1,4 @@
-"""Identity loss: cross-entropy over the classifier logits (spec training_recipe.md 3.4).
+"""Identity loss: cross-entropy over the classifier logits.
 
 ``identity_loss(logits [N, C], labels [N], label_smooth=0) -> scalar``. The released recipe
 uses plain cross-entropy (``label_smooth = 0``, config ``LOSS.LABEL_SMOOTH``); with

@@ -1,4 +1,4 @@
-"""Discriminative centre loss (DCL, from PMT; spec training_recipe.md 3.4, "DCL").
+"""Discriminative centre loss (DCL), which CMFN takes from PMT.
 
 ``dcl_loss(feat [N, D], labels [N]) -> scalar`` for one block of rows (the visible and
 infrared rows of one MBUE copy, labels ``[l_v; l_i]``):

@@ -1,5 +1,5 @@
-"""Geometry shared by the metric losses (spec training_recipe.md 3.4): pairwise Euclidean
-distances and per-identity centres.
+"""Geometry shared by the metric losses (triplet, CPM, DCL): pairwise Euclidean distances
+and per-identity centres.
 
 ``pairwise_euclidean(a [M, D], b [N, D]) -> [M, N]`` computes
 ``sqrt(max(|a|^2 + |b|^2 - 2 a.b, 1e-12))``: the expanded form used by the released

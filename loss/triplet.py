@@ -1,4 +1,4 @@
-"""Batch-hard triplet loss over all rows jointly (spec training_recipe.md 3.4, "Triplet").
+"""Batch-hard triplet loss over all rows jointly (LOSS.TRI_MARGIN, released 0.3).
 
 ``triplet_loss(feat [N, D], labels [N], margin) -> scalar``: for every row, the farthest
 same-label row (the row itself included, as released) and the closest other-label row by

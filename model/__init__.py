@@ -1,46 +1,22 @@
 """Model factory: ``build_model(cfg, num_classes)`` and ``load_model(path)``.
 
-``MODELS`` maps ``cfg.MODEL.NAME`` to a builder ``(cfg, num_classes) -> nn.Module``; register
-new models with :func:`register_model`. Every model follows one contract (CONTRACTS.md):
-
-* attributes ``num_copies`` (rows per image: 3 for CMFN, 1 for the baseline), ``feat_dim``
-  (pooled feature width D) and ``head`` (BNNeck + classifier, trained at the full LR);
-* train mode: ``model(x_vis [B,3,H,W], x_ir [B,3,H,W]) -> (pool [copies*2B, D] pre-BN,
-  logits [copies*2B, C], loss_ort 0-d)``, rows [vis, ir] per copy, copies in order;
-* eval mode: ``model(x [N,3,H,W], modality="visible"|"infrared") -> (pool, bn)``, each
-  [copies*N, D], L2-normalised, copies in blocks of N.
+``MODELS`` (:mod:`model.registry`) maps ``cfg.MODEL.NAME`` to a model class following the
+contract of :mod:`model.base`; a class registers itself with ``@MODELS.register("name")``.
 """
-from model.baseline import Baseline, build_baseline
-from model.cmfn import CMFN, build_cmfn
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import ConfigError, config_from_string
-
-MODELS = {
-    "cmfn": build_cmfn,
-    "baseline": build_baseline,
-}
-
-
-def register_model(name):
-    """Decorator adding a builder ``(cfg, num_classes) -> nn.Module`` to :data:`MODELS`."""
-
-    def add(builder):
-        if name in MODELS:
-            raise ValueError("model %r is already registered" % name)
-        MODELS[name] = builder
-        return builder
-
-    return add
+from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.distributed import unwrap_model
+from model.base import ReIDModel
+from model.registry import MODELS
+from utils.config import config_from_string
+from utils.errors import ConfigError
 
 
 def build_model(cfg, num_classes):
     """The model named by ``cfg.MODEL.NAME`` with a classifier over `num_classes` identities."""
-    name = cfg.MODEL.NAME
-    if name not in MODELS:
-        raise ConfigError("MODEL.NAME %r is not a registered model (available: %s)" % (name, ", ".join(sorted(MODELS))))
+    cls = MODELS.get(cfg.MODEL.NAME)
     if int(num_classes) < 1:
-        raise ValueError("num_classes must be positive, got %r" % (num_classes,))
-    return MODELS[name](cfg, int(num_classes))
+        raise ConfigError("num_classes must be positive, got %r" % (num_classes,))
+    return cls.from_config(cfg, int(num_classes))
 
 
 def _strip_wrapper_prefix(state):
@@ -55,7 +31,8 @@ def load_model(path, map_location="cpu"):
     """Rebuild the model stored in a checkpoint of this project, in eval mode.
 
     The architecture comes from the checkpoint's config (ImageNet loading switched off, the
-    weights are in the file). The model gets a ``cfg`` attribute holding that config.
+    weights are in the file; configs of earlier versions are renamed as on load). The model
+    gets a ``cfg`` attribute holding that config.
     """
     ckpt = load_checkpoint(path, map_location=map_location)
     try:
@@ -84,4 +61,4 @@ def load_model(path, map_location="cpu"):
     return model.eval()
 
 
-__all__ = ["MODELS", "CMFN", "Baseline", "build_model", "load_model", "register_model"]
+__all__ = ["MODELS", "ReIDModel", "build_model", "load_model", "unwrap_model"]

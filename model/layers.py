@@ -1,12 +1,12 @@
 """Small layers shared by the CMFN building blocks, and the state-dict renaming helper.
 
-* ``LayerNorm2d``: the channels-first LayerNorm of the released code (spec 6.9): at every
+* ``LayerNorm2d``: the channels-first LayerNorm of the released CSC-CMA: at every
   spatial position the C values are normalised with their biased variance, eps 1e-6 inside
   the square root, then a per-channel affine. Not GroupNorm(1, C), which would also reduce
   over H and W. Input and output [B, C, H, W].
 * ``DropPath``: stochastic depth per sample (train mode only); any shape [B, ...].
 * ``ConvBN``: conv (no bias) -> BatchNorm (momentum 0.1) -> optional ReLU, the unit of HCE,
-  the dilated bottleneck and the MBUE compressions (spec 2.2, 2.3, 2.5).
+  the dilated bottleneck and the MBUE compressions.
 * ``rename_state_dict``: maps released state-dict keys to this project's keys by prefix,
   used by every block module's ``convert_released_state_dict``.
 """
@@ -81,7 +81,8 @@ class ConvBN(nn.Module):
     """conv k x k (no bias, 'same' padding dilation*(k-1)/2) -> BatchNorm2d -> optional ReLU.
 
     [B, in_ch, H, W] -> [B, out_ch, H/stride, W/stride]. A dilation-1 3x3 conv pads 1 (the
-    released ConvX helper would not pad then; that case never occurs there, spec 2.2).
+    released ConvX helper would not pad then, but every HCE of the released model is
+    dilated, so that case never occurs there).
     """
 
     def __init__(self, in_ch, out_ch, kernel_size=1, stride=1, dilation=1, relu=False):

@@ -1,18 +1,19 @@
 """ImageNet weights for the ResNet backbone: finding the file and reading it.
 
-The released model starts every ResNet from torchvision's ImageNet weights (spec 2.1, 2.11:
-the old ``resnet50-19c8e357.pth``). Nothing is ever downloaded: the file comes from
+The released model starts every ResNet from torchvision's ImageNet weights, the original
+ResNet-50 file ``resnet50-19c8e357.pth``. Nothing is ever downloaded: the file comes from
 ``cfg.MODEL.PRETRAIN_PATH`` or, when that is empty, from the torch hub cache
 (``torch.hub.get_dir()/checkpoints``) under one of torchvision's published names. Without
 either, :class:`PretrainedWeightsError` says where to get the file and where to put it.
 
 The file is a plain torchvision ``state_dict`` (``conv1.*``, ``bn1.*``, ``layer1..4.*``,
 ``fc.*``); it is read with ``weights_only=True``. Mapping its keys onto the two stems and the
-shared stages is the backbone's job (:meth:`model.backbone.DualStemResNet.load_imagenet`).
+shared stages is the backbone's job (:meth:`model.backbones.resnet.DualStemResNet.load_imagenet`).
 """
 import os
 
 import torch
+from utils.errors import UserError
 
 # torchvision's file names per architecture, most preferred first: the released code used the
 # original ("old") ResNet-50 weights, so those win when several are cached.
@@ -23,7 +24,7 @@ HUB_FILES = {
 DOWNLOAD_ROOT = "https://download.pytorch.org/models/"
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """ImageNet weights were asked for but no usable file is available."""
 
 

@@ -35,7 +35,7 @@ def synthetic_root(tmp_path_factory):
             root = str(tmp_path_factory.mktemp("%s_cam_data" % layout) / layout.upper())
             _WRITERS[layout](root, **merged)
             if preprocess:
-                from data.sysu import preprocess_sysu
+                from data.datasets.sysu import preprocess_sysu
 
                 preprocess_sysu(root, tuple(preprocess), progress=False)
             cache[key] = root
@@ -46,7 +46,7 @@ def synthetic_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_demo_cfg(tmp_path_factory):
-    from data.demo import ensure_demo_dataset
+    from data.datasets.demo import ensure_demo_dataset
     from utils.config import build_config
 
     root = os.path.join(str(tmp_path_factory.mktemp("demo")), "demo")

@@ -1,4 +1,4 @@
-"""Per-query loop reference of the standard VI-ReID / Market evaluation (spec section 3.2).
+"""Per-query loop reference of the standard VI-ReID / Market evaluation (CMC, mAP, mINP).
 
 Written from the protocol description, one query at a time, in the way the standard
 ``eval_sysu`` / ``eval_llcm`` / ``eval_regdb`` and Market ``eval_func`` work, quirks included:
@@ -13,7 +13,7 @@ Written from the protocol description, one query at a time, in the way the stand
   market the standard CMC;
 * ``max_rank`` is lowered to the gallery size when the gallery is smaller.
 
-This module is the independent expectation the vectorized ``utils.metrics`` is tested and
+This module is the independent expectation the vectorized ``evaluation.metrics`` is tested and
 benchmarked against; it is deliberately simple and slow.
 Shapes: distmat [nq, ng] (smaller = closer), pids / camids 1-D int arrays.
 """

@@ -5,9 +5,10 @@ released_state_dict_{sysu,regdb}.txt). Each tensor is a unique constant ("marker
 an expanded scalar so the files stay tiny; after conversion and ``load_model`` every model
 tensor must hold the marker of exactly one used released key, under the project prefix that
 key's module maps to, and no unused key's marker may appear. A few tensors hold random values
-and are compared exactly. The two kinds of derived constants the blocks rebuild (Haar filter
-banks, Swin relative-position index) carry their true values (spec 2.7, 2.9) and are checked
-and dropped by the converter.
+and are compared exactly. The two kinds of derived constants the blocks rebuild carry their
+true values and are checked and dropped by the converter: the WTConv Haar filter banks
+(``wt_filter`` / ``iwt_filter``, :func:`haar_bank`) and the Swin relative-position index of the
+GlobalBlock windows (:func:`swin_index`).
 """
 import argparse
 import os
@@ -21,7 +22,8 @@ from tools.convert_official_checkpoint import ConversionFailed, convert, main
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
-# Released prefix -> prefix of this project's keys (spec 2.12 and the assembly's module names).
+# Released prefix -> prefix of this project's keys: the released CMAF module names (the key
+# layout of tests/golden/released_state_dict_*.txt) and the CMFN module each maps to.
 PREFIXES = [
     ("visible_module.visible.conv1.", "backbone.visible_stem.conv."),
     ("visible_module.visible.bn1.", "backbone.visible_stem.bn."),
@@ -68,7 +70,8 @@ def read_layout(name):
 
 
 def haar_bank(n):
-    """Spec 2.9: LL, rows-high, columns-high, HH, each 1/2 * signs, repeated per channel."""
+    """The released WTConv's one-level Haar bank [n, 1, 2, 2]: the LL, rows-high, columns-high
+    and HH filters, each 1/2 * signs, repeated for every n / 4 channels."""
     signs = torch.tensor([[[1, 1], [1, 1]], [[1, 1], [-1, -1]], [[1, -1], [1, -1]], [[1, -1], [-1, 1]]],
                          dtype=torch.float32)
     return (0.5 * signs).unsqueeze(1).repeat(n // 4, 1, 1, 1)
@@ -153,6 +156,10 @@ def test_convert_and_load(tmp_path, name):
     ckpt = torch.load(dst, weights_only=True)
     assert ckpt["num_classes"] == (395 if name == "sysu" else 206)
     assert "PRETRAINED: false" in ckpt["config"]
+    # the config of the dataset's CMFN preset, in the current layout (MODEL.CMFN.*)
+    assert "CONFIG_VERSION: 2" in ckpt["config"]
+    assert (model.cfg.METHOD, model.cfg.MODEL.NAME, model.cfg.DATASET.NAME) == ("cmfn", "cmfn", name)
+    assert model.cfg.MODEL.CMFN.MBUE_AFTER == ("layer3" if name == "sysu" else "layer2")
 
 
 def test_regdb_layout_counts():

@@ -1,4 +1,4 @@
-"""Cross-modality sampler, training sets per layout, the training DataLoader."""
+"""Cross-modality sampler, training sets per layout, the training DataLoader and its batch dicts."""
 import os
 import shutil
 
@@ -9,6 +9,7 @@ import torch
 from data import (
     CrossModalitySampler,
     DatasetError,
+    SamplePair,
     build_train_loader,
     build_train_set,
     build_test_split,
@@ -107,24 +108,28 @@ def test_loader_batches_and_worker_independence(tiny_demo_cfg):
     sampler.set_epoch(1)
     batches = list(loader)
     assert len(batches) == 3
-    v, i, lv, li = batches[0]
+    b = batches[0]
+    assert sorted(b) == ["camids", "images", "index", "modality", "pids"]
+    v, i, lv, li = b["images"][:8], b["images"][8:], b["pids"][:8], b["pids"][8:]
     size = (8, 3) + tuple(cfg.INPUT.SIZE_TRAIN)
     assert v.shape == size and i.shape == size and v.dtype == torch.float32
+    assert b["modality"].tolist() == [0] * 8 + [1] * 8
+    assert torch.equal(b["pids"], torch.from_numpy(ts.pids[b["index"].numpy()]))
     assert lv.dtype == torch.int64 and torch.equal(lv, li)
     assert torch.equal(lv[0::2], lv[1::2])  # runs of K = 2
     sampler.set_epoch(1)
     again = list(loader)
-    assert all(torch.equal(x, y) for bx, by in zip(batches, again) for x, y in zip(bx, by))
+    assert all(torch.equal(bx[k], by[k]) for bx, by in zip(batches, again) for k in bx)
     cfg.DATALOADER.NUM_WORKERS = 2
     cfg.DATALOADER.PERSISTENT_WORKERS = True
     loader2, sampler2, _ = build_train_loader(cfg)
     sampler2.set_epoch(1)
     workers = list(loader2)
-    assert all(torch.equal(x, y) for bx, by in zip(batches, workers) for x, y in zip(bx, by))
+    assert all(torch.equal(bx[k], by[k]) for bx, by in zip(batches, workers) for k in bx)
     assert loader2.persistent_workers and not loader2.pin_memory
     default = build_train_loader(build_config("demo", opts=["DATASET.ROOT", cfg.DATASET.ROOT,
                                                             "DATASET.DEMO_TRAIN_IDS", "12", "DATASET.DEMO_TEST_IDS", "8"]))
-    n = max(len(ts.rgb_labels), len(ts.ir_labels))
+    n = max(int((ts.modality == 0).sum()), int((ts.modality == 1).sum()))
     assert len(default[0]) == n // 24 + 1  # released int(N / (P*K)) + 1 with P=6, K=4
 
 
@@ -168,21 +173,24 @@ def test_listed_train_sets(synthetic_root, layout):
                                      "DATASET.TRIAL", "4"])
     ts = build_train_set(cfg)
     if layout == "regdb":
-        assert ts.num_classes == 3 and len(ts.rgb_labels) == 9 and len(ts.ir_labels) == 9
+        assert ts.num_classes == 3 and (ts.modality == 0).sum() == 9 and (ts.modality == 1).sum() == 9
+        assert set(ts.camids[ts.modality == 0]) == {1} and set(ts.camids[ts.modality == 1]) == {2}
         rels = [line.split(" ")[0] for line in open(os.path.join(root, "idx", "train_visible_4.txt"))]
     else:
         plan = llcm_plan(4, 4, 0, 2)
         train = set(plan["train"])
         n_vis = sum(n for (mod, _, pid), n in plan["counts"].items() if mod == "vis" and pid in train)
         n_nir = sum(n for (mod, _, pid), n in plan["counts"].items() if mod == "nir" and pid in train)
-        assert ts.num_classes == 4 and len(ts.rgb_labels) == n_vis and len(ts.ir_labels) == n_nir
+        assert ts.num_classes == 4 and (ts.modality == 0).sum() == n_vis and (ts.modality == 1).sum() == n_nir
         rels = [line.split(" ")[0] for line in open(os.path.join(root, "idx", "train_vis.txt"))]
     from PIL import Image
 
     ref = np.asarray(Image.open(os.path.join(root, rels[0])).convert("RGB").resize((16, 32), Image.LANCZOS))
-    np.testing.assert_array_equal(ts.rgb_images[0], ref)
-    v, i, _, _ = ts[(0, 0)]
-    assert v.shape == (3, 32, 16) and i.shape == (3, 32, 16)
+    np.testing.assert_array_equal(ts.images[0], ref)
+    first_ir = int(np.flatnonzero(ts.modality == 1)[0])
+    v, i = ts[SamplePair(0, first_ir)]
+    assert v["images"].shape == (3, 32, 16) and i["images"].shape == (3, 32, 16)
+    assert (v["modality"], i["modality"]) == (0, 1) and v["index"] == 0 and i["index"] == first_ir
 
 
 def _rewrite(path, fn):
@@ -229,7 +237,7 @@ def test_val_ids_bounds(tiny_demo_cfg):
         build_train_set(cfg)
     cfg.DATASET.VAL_IDS = 3
     ts = build_train_set(cfg)
-    assert ts.num_classes == 9 and ts.rgb_labels.max() == 8 and ts.ir_labels.max() == 8
+    assert ts.num_classes == 9 and ts.pids[ts.modality == 0].max() == 8 and ts.pids[ts.modality == 1].max() == 8
 
 
 def test_concurrent_first_use_of_the_demo(tmp_path):
@@ -239,7 +247,7 @@ def test_concurrent_first_use_of_the_demo(tmp_path):
     from utils.config import PROJECT_ROOT
 
     root = str(tmp_path / "demo")
-    code = ("import sys; from utils.config import build_config; from data.demo import ensure_demo_dataset; "
+    code = ("import sys; from utils.config import build_config; from data.datasets.demo import ensure_demo_dataset; "
             "cfg = build_config('demo', opts=['DATASET.ROOT', sys.argv[1], 'DATASET.DEMO_TRAIN_IDS', '3', "
             "'DATASET.DEMO_TEST_IDS', '2']); ensure_demo_dataset(cfg, workers=1)")
     procs = [subprocess.Popen([sys.executable, "-c", code, root], cwd=PROJECT_ROOT, stderr=subprocess.PIPE)

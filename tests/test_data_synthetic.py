@@ -111,7 +111,8 @@ def test_regdb_layout(synthetic_root):
                     rel = line.split(" ")[0]
                     assert rel.startswith(folder + "/") and rel.endswith(".bmp")
                     assert os.path.isfile(os.path.join(root, rel))
-    # The visible and thermal test lists carry the same label sequence (spec 1.2).
+    # The visible and thermal test lists carry the same label sequence, as in the real RegDB
+    # (the released test code relies on it when it swaps the query and gallery labels).
     vis = [line.split(" ")[1] for line in open(os.path.join(root, "idx", "test_visible_4.txt"))]
     the = [line.split(" ")[1] for line in open(os.path.join(root, "idx", "test_thermal_4.txt"))]
     assert vis == the

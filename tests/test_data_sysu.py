@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from data import DatasetError, SamplePair, build_train_set, preprocess_sysu
-from data.sysu import ARRAYS, INFO_FILE, load_training_arrays, training_listing
+from data.datasets.sysu import ARRAYS, INFO_FILE, load_training_arrays, training_listing
 from utils.config import PROJECT_ROOT, build_config
 
 SIZE = (24, 48)  # (W, H): small, but a real resize of every camera's native size
@@ -97,22 +97,27 @@ def test_train_set_from_arrays(synthetic_root):
     root = synthetic_root("sysu", preprocess=SIZE)
     cfg = build_config("sysu", opts=["DATASET.ROOT", root, "INPUT.SIZE_TRAIN", "[48, 24]", "DATALOADER.NUM_IDS", "4"])
     ts = build_train_set(cfg)
-    assert ts.num_classes == 6 and isinstance(ts.rgb_images, np.memmap)
+    assert ts.num_classes == 6 and all(isinstance(a, np.memmap) for a in ts.images.arrays)
     ref = np.load(os.path.join(root, ARRAYS["rgb_label"]))
-    np.testing.assert_array_equal(ts.rgb_labels, ref)
-    v, i, lv, li = ts[(0, len(ts.ir_labels) - 1)]
-    assert v.shape == (3, 48, 24) and i.shape == (3, 48, 24) and lv == 0 and li == 5
-    # Pickled for spawned workers, the memory map is reopened by path, not copied.
+    vis, ir = np.flatnonzero(ts.modality == 0), np.flatnonzero(ts.modality == 1)
+    np.testing.assert_array_equal(ts.pids[vis], ref)
+    np.testing.assert_array_equal(ts.pids[ir], np.load(os.path.join(root, ARRAYS["ir_label"])))
+    assert set(ts.camids[vis]) <= {1, 2, 4, 5} and set(ts.camids[ir]) <= {3, 6}
+    v, i = ts[SamplePair(0, ir[-1])]
+    assert v["images"].shape == (3, 48, 24) and i["images"].shape == (3, 48, 24)
+    assert (v["pids"], i["pids"]) == (0, 5) and (v["modality"], i["modality"]) == (0, 1)
+    # Pickled for spawned workers, the memory maps are reopened by path, not copied.
     state = pickle.dumps(ts)
-    assert len(state) < ts.rgb_images.nbytes
+    assert len(state) < ts.images.arrays[0].nbytes
     clone = pickle.loads(state)
-    assert isinstance(clone.rgb_images, np.memmap)
-    pair = SamplePair(3, 4, seed=11)
-    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(ts[pair], clone[pair]))
+    assert all(isinstance(a, np.memmap) for a in clone.images.arrays)
+    pair = SamplePair(3, ir[4], seed=11)
+    assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+               for a, b in zip(ts[pair], clone[pair]) for k in a)
     held = build_train_set(build_config("sysu", opts=[
         "DATASET.ROOT", root, "INPUT.SIZE_TRAIN", "[48, 24]", "DATASET.VAL_IDS", "2", "DATALOADER.NUM_IDS", "4"]))
-    assert held.num_classes == 4 and held.rgb_labels.max() == 3
-    assert len(held.rgb_labels) == int((ref < 4).sum())
+    assert held.num_classes == 4 and held.pids.max() == 3
+    assert int((held.modality == 0).sum()) == int((ref < 4).sum())
 
 
 def test_arrays_of_another_size_are_refused(synthetic_root):

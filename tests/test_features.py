@@ -1,7 +1,9 @@
-"""utils/features.py: extraction layout, flip TTA, feature choices, split evaluation, save/load.
+"""evaluation/embeddings.py: extraction layout, flip TTA, embedding presets, distances, split
+evaluation, save/load.
 
-A small linear stand-in model (flip- and modality-sensitive) keeps these tests fast; the real
-models are exercised end to end in tests/test_test_py.py.
+Small linear stand-in models (flip- and modality-sensitive) with the embedding sets and
+presets of CMFN and of its baseline keep these tests fast; the real models are exercised end
+to end in tests/test_test_py.py.
 """
 import numpy as np
 import pytest
@@ -11,44 +13,69 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from data import DatasetError
-from reference_eval import reference_evaluate
-from utils.config import build_config
-from utils.features import (
-    FEATURE_SETS,
+from evaluation.embeddings import (
     distance_from_features,
+    embedding_weights,
     evaluate_features,
     extract_features,
-    feature_weights,
     load_features,
     save_features,
     stack_features,
     used_gallery_columns,
 )
+from model.base import ReIDModel
+from model.cmfn.baseline import Baseline
+from model.cmfn.cmfn import CMFN
+from reference_eval import reference_evaluate
+from utils.config import build_config
+from utils.errors import ConfigError
 
 torch.set_num_threads(1)
 
 H, W, D = 8, 4, 5
+# the released feat1..feat6 order
+FEATURE_SETS = ("pool_orig", "bn_orig", "pool_br1", "bn_br1", "pool_br2", "bn_br2")
 
 
-class LinearReID(nn.Module):
-    """Eval forward like the project's models: (pool, bn), each [copies*N, D], L2-normalised."""
+class LinearReID(ReIDModel):
+    """Eval forward under the model contract with CMFN's sets and presets: a dict set ->
+    [N, D], L2-normalised; one (pool, bn) pair of sets per copy."""
 
-    def __init__(self, copies):
+    embedding_sets = CMFN.embedding_sets
+    embedding_presets = CMFN.embedding_presets
+    default_embedding = CMFN.default_embedding
+    num_copies = 3
+
+    def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.num_copies = copies
+        copies = self.num_copies
         self.pool = nn.ModuleList(nn.Linear(3 * H * W, D) for _ in range(copies))
         self.bn = nn.ModuleList(nn.Linear(D, D) for _ in range(copies))
         self.ir_shift = nn.Parameter(torch.randn(3, H, W))
         self.calls = []
 
-    def forward(self, x, modality="visible"):
-        self.calls.append((x.shape[0], modality, self.training))
-        if modality == "infrared":
-            x = x + self.ir_shift
-        pools = [p(x.flatten(1)) for p in self.pool]
-        bns = [b(p) for b, p in zip(self.bn, pools)]
-        return F.normalize(torch.cat(pools), dim=1), F.normalize(torch.cat(bns), dim=1)
+    def forward(self, images, modality, camids=None):
+        self.calls.append((images.shape[0], modality, self.training))
+        x = images + self.ir_shift if modality == "infrared" else images
+        out = {}
+        for c, (pool, bn) in enumerate(zip(self.pool, self.bn)):
+            p = pool(x.flatten(1))
+            out[self.embedding_sets[2 * c]] = F.normalize(p, dim=1)
+            out[self.embedding_sets[2 * c + 1]] = F.normalize(bn(p), dim=1)
+        return out
+
+
+class LinearBaseline(LinearReID):
+    """The same with the baseline's two sets and presets."""
+
+    embedding_sets = Baseline.embedding_sets
+    embedding_presets = Baseline.embedding_presets
+    default_embedding = Baseline.default_embedding
+    num_copies = 1
+
+
+MODELS = {3: LinearReID, 1: LinearBaseline}
 
 
 class Images(Dataset):
@@ -67,20 +94,15 @@ def make_cfg(*opts):
 
 
 def direct(model, x, modality):
-    """Per-set outputs of one model call on all images, in the released feat1..6 order."""
+    """Per-set outputs of one eval-mode model call on all images."""
+    model.eval()
     with torch.no_grad():
-        pool, bn = model(x, modality=modality)
-    n = x.shape[0]
-    out = {}
-    for c in range(model.num_copies):
-        out[FEATURE_SETS[2 * c]] = pool[c * n:(c + 1) * n]
-        out[FEATURE_SETS[2 * c + 1]] = bn[c * n:(c + 1) * n]
-    return out
+        return model(x, modality=modality)
 
 
 @pytest.mark.parametrize("copies,names", [(3, FEATURE_SETS), (1, ("pool_orig", "bn_orig"))])
 def test_layout_without_flip(copies, names):
-    model, data = LinearReID(copies), Images(7)
+    model, data = MODELS[copies](), Images(7)
     feats = extract_features(model, data, make_cfg(), "visible", "cpu", flip=False)
     assert tuple(feats) == names
     expected = direct(model, data.x, "visible")
@@ -91,7 +113,7 @@ def test_layout_without_flip(copies, names):
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_flip_combines_normalised_outputs(mode):
-    model, data = LinearReID(3), Images(5)
+    model, data = LinearReID(), Images(5)
     feats = extract_features(model, data, make_cfg("TEST.FLIP_MODE", mode), "infrared", "cpu", flip=True)
     plain = direct(model, data.x, "infrared")
     mirrored = direct(model, data.x.flip(3), "infrared")
@@ -107,7 +129,7 @@ def test_flip_combines_normalised_outputs(mode):
 
 
 def test_config_flip_default_modality_and_mode_restored():
-    model, data = LinearReID(3), Images(4)
+    model, data = LinearReID(), Images(4)
     model.train()
     feats = extract_features(model, data, make_cfg("TEST.FLIP", "True"), "infrared", "cpu")
     assert model.training
@@ -117,7 +139,7 @@ def test_config_flip_default_modality_and_mode_restored():
 
 
 def test_bf16_autocast_close_to_fp32():
-    model, data = LinearReID(3), Images(6)
+    model, data = LinearReID(), Images(6)
     f32 = extract_features(model, data, make_cfg(), "visible", "cpu", flip=False)
     b16 = extract_features(model, data, make_cfg("TEST.AMP", "bf16"), "visible", "cpu", flip=False)
     for name in FEATURE_SETS:
@@ -126,7 +148,7 @@ def test_bf16_autocast_close_to_fp32():
 
 
 def test_bad_options_and_missing_image(tmp_path):
-    model = LinearReID(3)
+    model = LinearReID()
     with pytest.raises(ValueError, match="TEST.FLIP_MODE"):
         extract_features(model, Images(2), make_cfg("TEST.FLIP_MODE", "max"), "visible", "cpu")
     with pytest.raises(ValueError, match="modality"):
@@ -134,8 +156,48 @@ def test_bad_options_and_missing_image(tmp_path):
     missing = str(tmp_path / "cam1" / "0001" / "0001.jpg")
     with pytest.raises(DatasetError, match="0001.jpg"):
         extract_features(model, [missing], make_cfg(), "visible", "cpu")
-    with pytest.raises(ValueError, match="TEST.FEATURE"):
-        feature_weights("concat", FEATURE_SETS)
+    with pytest.raises(ConfigError, match=r"TEST\.FEATURE 'concat' is not an embedding of the LinearReID model "
+                                          r"\(known: sum6, mix, orig, pool, bn\)"):
+        embedding_weights(model, "concat")
+
+
+def test_wrong_row_count_is_an_error():
+    class Short(LinearReID):
+        def forward(self, images, modality, camids=None):
+            return {k: v[:-1] for k, v in super().forward(images, modality).items()}
+
+    with pytest.raises(RuntimeError, match="2 rows of pool_orig for a batch of 3"):
+        extract_features(Short(), Images(3), make_cfg(), "visible", "cpu", flip=False)
+
+
+def test_cmfn_and_baseline_presets():
+    """The test embeddings of the released code: sum6 every set at weight 1 (the default), mix
+    the pool sets at 0.1 and the BN sets at 0.9, orig the original copy's two sets, pool and bn
+    the sets of one kind; the baseline's presets are the same over its two sets."""
+    expected = {
+        "sum6": [(n, 1.0) for n in FEATURE_SETS],
+        "mix": [("pool_orig", 0.1), ("bn_orig", 0.9), ("pool_br1", 0.1), ("bn_br1", 0.9), ("pool_br2", 0.1),
+                ("bn_br2", 0.9)],
+        "orig": [("pool_orig", 1.0), ("bn_orig", 1.0)],
+        "pool": [("pool_orig", 1.0), ("pool_br1", 1.0), ("pool_br2", 1.0)],
+        "bn": [("bn_orig", 1.0), ("bn_br1", 1.0), ("bn_br2", 1.0)],
+    }
+    assert CMFN.embedding_sets == FEATURE_SETS and Baseline.embedding_sets == FEATURE_SETS[:2]
+    for cls in (CMFN, Baseline):
+        assert cls.default_embedding == "sum6"
+        assert list(cls.embedding_presets) == list(expected)
+        for preset, weights in expected.items():
+            assert cls.embedding_weights(preset) == [(n, w) for n, w in weights if n in cls.embedding_sets]
+        assert cls.embedding_weights("") == cls.embedding_weights("sum6")
+    assert Baseline.embedding_weights("pool") == [("pool_orig", 1.0)]
+    # through evaluation.embeddings, from a model (wrapped or not); empty = the default
+    model = LinearBaseline()
+    assert embedding_weights(model, "mix") == [("pool_orig", 0.1), ("bn_orig", 0.9)]
+    assert embedding_weights(nn.DataParallel(model), "") == [("pool_orig", 1.0), ("bn_orig", 1.0)]
+
+
+def weights(preset, cls=CMFN):
+    return cls.embedding_weights(preset)
 
 
 def random_feats(n, seed, sets=FEATURE_SETS):
@@ -145,7 +207,7 @@ def random_feats(n, seed, sets=FEATURE_SETS):
 
 def test_sum6_is_sum_of_six_inner_products_and_one_concat_matmul():
     q, g = random_feats(6, 1), random_feats(9, 2)
-    dist = distance_from_features(q, g, "sum6", "cosine")
+    dist = distance_from_features(q, g, weights("sum6"), "cosine")
     six = sum(q[n] @ g[n].T for n in FEATURE_SETS)
     torch.testing.assert_close(dist, -six, rtol=1e-5, atol=1e-5)
     concat = -(torch.cat([q[n] for n in FEATURE_SETS], 1) @ torch.cat([g[n] for n in FEATURE_SETS], 1).T)
@@ -161,22 +223,33 @@ def test_mix_weights_and_subsets():
     expected = {"mix": 0.1 * pool + 0.9 * bn, "pool": pool, "bn": bn,
                 "orig": sim["pool_orig"] + sim["bn_orig"]}
     for feature, sims in expected.items():
-        torch.testing.assert_close(distance_from_features(q, g, feature), -sims, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(distance_from_features(q, g, weights(feature)), -sims, rtol=1e-5, atol=1e-5)
     # the baseline's two sets: sum6 -> both, mix -> 0.1 / 0.9
     qb, gb = random_feats(4, 5, FEATURE_SETS[:2]), random_feats(5, 6, FEATURE_SETS[:2])
-    torch.testing.assert_close(distance_from_features(qb, gb, "mix"),
+    torch.testing.assert_close(distance_from_features(qb, gb, weights("sum6", Baseline)),
+                               -(qb["pool_orig"] @ gb["pool_orig"].T + qb["bn_orig"] @ gb["bn_orig"].T),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(distance_from_features(qb, gb, weights("mix", Baseline)),
                                -(0.1 * qb["pool_orig"] @ gb["pool_orig"].T + 0.9 * qb["bn_orig"] @ gb["bn_orig"].T),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_euclidean_uses_weighted_concatenation():
     q, g = random_feats(4, 7), random_feats(6, 8)
-    dist = distance_from_features(q, g, "mix", "euclidean").double()
+    mix = weights("mix")
     sq = sum((0.1 if n.startswith("pool") else 0.9) * torch.cdist(q[n].double(), g[n].double()) ** 2
              for n in FEATURE_SETS)
-    # squared or plain euclidean distance, either way a monotone function of sq
-    assert torch.allclose(dist, sq, atol=1e-5) or torch.allclose(dist, sq.sqrt(), atol=1e-5)
-    assert stack_features(q, "mix").shape == (4, 6 * D)
+    # euclidean: the distance between the weighted concatenations; sqeuclidean (or squared): its square
+    dist = distance_from_features(q, g, mix, "euclidean").double()
+    assert torch.allclose(dist, sq.sqrt(), atol=1e-5)
+    for squared in (distance_from_features(q, g, mix, "sqeuclidean"),
+                    distance_from_features(q, g, mix, "euclidean", squared=True)):
+        assert squared.dtype == torch.float32
+        assert torch.allclose(squared.double(), sq, atol=1e-5)
+    stacked = stack_features(q, mix)
+    assert stacked.shape == (4, 6 * D)
+    torch.testing.assert_close(stacked[:, :D], q["pool_orig"] * 0.1 ** 0.5)
+    torch.testing.assert_close(stacked[:, D:2 * D], q["bn_orig"] * 0.9 ** 0.5)
 
 
 class _List:
@@ -217,7 +290,7 @@ def test_evaluate_features_matches_loop_reference_per_trial(protocol):
     q = random_feats(len(split.query), 11)
     g = random_feats(len(used), 12)
     cfg = make_cfg("TEST.MAX_RANK", "5")
-    result = evaluate_features(q, g, split, cfg, used, trials)
+    result = evaluate_features(q, g, split, cfg, weights("sum6"), used, trials)
     qn = np.concatenate([q[n].numpy() for n in FEATURE_SETS], 1).astype(np.float64)
     gn = np.concatenate([g[n].numpy() for n in FEATURE_SETS], 1).astype(np.float64)
     for t, cols in enumerate(trials):
@@ -229,6 +302,22 @@ def test_evaluate_features_matches_loop_reference_per_trial(protocol):
         assert got["mINP"] == pytest.approx(ref["mINP"], abs=1e-6)
         np.testing.assert_allclose(got["cmc"], ref["cmc"], atol=1e-6)
     assert result["distmat"].shape == (len(split.query), len(used))
+
+
+def test_sqeuclidean_ranks_unit_features_like_cosine():
+    """On unit-norm sets sum_i w_i |q_i - g_i|^2 = 2 sum_i w_i - 2 sum_i w_i q_i.g_i: the same
+    ranking, so the same figures, as the cosine distance (the IV-REID preset's metric)."""
+    split = _Split("sysu")
+    used, trials = used_gallery_columns(split)
+    q, g = random_feats(len(split.query), 13), random_feats(len(used), 14)
+    mix = weights("mix")
+    cosine = evaluate_features(q, g, split, make_cfg("TEST.MAX_RANK", "5"), mix, used, trials)
+    squared = evaluate_features(q, g, split, make_cfg("TEST.MAX_RANK", "5", "TEST.DISTANCE", "sqeuclidean"), mix,
+                                used, trials)
+    np.testing.assert_allclose(squared["distmat"], 2 * sum(w for _, w in mix) + 2 * cosine["distmat"], atol=1e-5)
+    for a, b in zip(cosine["per_trial"], squared["per_trial"]):
+        for key in ("rank1", "mAP", "mINP"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -249,14 +338,14 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_rerank_applies_k_reciprocal_per_trial():
-    from utils.rerank import k_reciprocal_rerank
+    from evaluation.rerank import k_reciprocal_rerank
 
     split = _Split("regdb")
     used, trials = used_gallery_columns(split)
     q = random_feats(len(split.query), 21)
     g = random_feats(len(used), 22)
     cfg = make_cfg("TEST.MAX_RANK", "5", "TEST.RERANK", "True", "TEST.RERANK_K1", "4", "TEST.RERANK_K2", "2")
-    result = evaluate_features(q, g, split, cfg, used, trials)
+    result = evaluate_features(q, g, split, cfg, weights("sum6"), used, trials)
     qn = torch.cat([q[n] for n in FEATURE_SETS], 1)
     gn = torch.cat([g[n] for n in FEATURE_SETS], 1)
     for t, cols in enumerate(trials):

@@ -1,5 +1,7 @@
 """Losses against the released reference (tests/golden/losses.pt), loop references and hand
-computations; the combined criterion's weights, DCL schedule, 1-copy path and autocast."""
+computations; the CMFN criterion (``criterion(outputs, batch, epoch) -> (total, terms, info)``
+on paired batches): its weights, DCL schedule, 1-copy path, autocast, the registry and the
+output check against the models."""
 import math
 import os
 
@@ -7,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import LOSSES, build_loss, cpm_loss, dcl_loss, dcl_weight_at, identity_loss, orthogonality, triplet_loss
+from loss import CRITERIA, build_criterion, check_outputs, cpm_loss, dcl_loss, identity_loss, triplet_loss
+from loss.cmfn import CMFNCriterion, dcl_weight_at
+from loss.orthogonality import orthogonality_loss
+from model.registry import MODELS
 from utils.config import ConfigError, build_config, get_default_config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "losses.pt")
@@ -32,7 +37,7 @@ CASES = {
     "dcl_0": lambda f, i: dcl_loss(_blocks(f)[0], i["lab"]),
     "dcl_1": lambda f, i: dcl_loss(_blocks(f)[1], i["lab"]),
     "dcl_2": lambda f, i: dcl_loss(_blocks(f)[2], i["lab"]),
-    "ort": lambda f, i: orthogonality(_blocks(f)[1], _blocks(f)[2], f.shape[0]),
+    "ort": lambda f, i: orthogonality_loss(f),
 }
 
 
@@ -46,27 +51,63 @@ def test_golden_value_and_gradient(golden, name):
     assert torch.allclose(feat.grad, golden["grads"][name], rtol=RTOL, atol=ATOL)
 
 
+def test_orthogonality_against_hand_computation():
+    # copies of m = 2 rows: orig [[9, 9], [9, 9]], branch1 [[1, 2], [0, 3]], branch2 [[4, 0], [5, 1]]
+    pool = torch.tensor([[9.0, 9], [9, 9], [1, 2], [0, 3], [4, 0], [5, 1]])
+    # (1*4 + 2*0) + (0*5 + 3*1) = 7, over all 6 rows; the original copy does not enter
+    assert orthogonality_loss(pool).item() == pytest.approx(7 / 6)
+
+
+def test_orthogonality_needs_three_equal_copies():
+    with pytest.raises(ValueError, match="7 rows"):
+        orthogonality_loss(torch.ones(7, 2))
+    with pytest.raises(ValueError, match="num_copies=1"):
+        orthogonality_loss(torch.ones(6, 2), num_copies=1)
+
+
+def test_orthogonality_sums_in_float32_under_autocast():
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.relu(torch.randn(3 * 16, 256, generator=gen)).bfloat16()
+    exact = orthogonality_loss(pool.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = orthogonality_loss(pool)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(exact.item(), rel=1e-6)
+
+
+def paired_batch(label_v, label_i):
+    """The criterion's view of a paired batch: B visible rows, then the B infrared rows."""
+    return {"pids": torch.cat([label_v, label_i]),
+            "modality": torch.cat([torch.zeros_like(label_v), torch.ones_like(label_i)])}
+
+
+def outputs(pool, logits, ort):
+    return {"pool": pool, "logits": logits, "ort": ort}
+
+
 def _golden_criterion_inputs(golden):
+    """(model outputs, batch) of the golden features: 3 copies of 24 visible + 24 infrared rows."""
     inputs = golden["inputs"]
     feat = inputs["feat"].clone().requires_grad_(True)
-    loss_ort = orthogonality(feat[48:96], feat[96:], feat.shape[0])
     logits = torch.zeros(feat.shape[0], 400)
-    return feat, logits, loss_ort, inputs["label1"], inputs["label2"]
+    return outputs(feat, logits, orthogonality_loss(feat)), paired_batch(inputs["label1"], inputs["label2"])
 
 
 def test_total_matches_golden(golden):
     cfg = get_default_config()
     cfg.LOSS.ID_WEIGHT = 0.0
-    criterion = build_loss(cfg)
-    feat, logits, loss_ort, label_v, label_i = _golden_criterion_inputs(golden)
-    total, terms = criterion(feat, logits, loss_ort, label_v, label_i, epoch=0)
+    criterion = build_criterion(cfg)
+    model_out, batch = _golden_criterion_inputs(golden)
+    feat = model_out["pool"]
+    total, terms, info = criterion(model_out, batch, 0)
     out, grads = golden["outputs_eval"], golden["grads"]
     assert torch.allclose(total.detach(), out["total_wo_id_c1_0.1"], rtol=RTOL, atol=ATOL)
     total.backward()
     expected = grads["tri"] + 0.8 * (grads["cpm_1"] + grads["cpm_2"]) + 0.01 * grads["ort"]
     expected = expected + 0.1 * (grads["dcl_0"] + grads["dcl_1"] + grads["dcl_2"])
     assert torch.allclose(feat.grad, expected, rtol=RTOL, atol=ATOL)
-    assert terms["dcl_weight"] == 0.1
+    assert info == {"dcl_weight": 0.1}
+    assert set(terms) == {"id", "tri", "cpm", "ort", "dcl", "total"}
     assert terms["id"] == 0.0
     for key, ref in [("tri", out["tri"]), ("cpm", out["cpm_1"] + out["cpm_2"]), ("ort", out["ort"]),
                      ("dcl", out["dcl_sum"]), ("total", out["total_wo_id_c1_0.1"])]:
@@ -75,11 +116,11 @@ def test_total_matches_golden(golden):
 
 
 def test_total_includes_identity_loss(golden):
-    criterion = build_loss(get_default_config())
-    feat, _, loss_ort, label_v, label_i = _golden_criterion_inputs(golden)
-    logits = torch.randn(feat.shape[0], 400, generator=torch.Generator().manual_seed(0))
-    total, terms = criterion(feat, logits, loss_ort, label_v, label_i, epoch=0)
-    ce = F.cross_entropy(logits, torch.cat([label_v, label_i]).repeat(3))
+    criterion = build_criterion(get_default_config())
+    model_out, batch = _golden_criterion_inputs(golden)
+    logits = torch.randn(model_out["pool"].shape[0], 400, generator=torch.Generator().manual_seed(0))
+    total, terms, _ = criterion(dict(model_out, logits=logits), batch, 0)
+    ce = F.cross_entropy(logits, batch["pids"].repeat(3))
     assert math.isclose(terms["id"], float(ce), rel_tol=1e-6)
     assert math.isclose(total.item(), float(golden["outputs_eval"]["total_wo_id_c1_0.1"] + ce), rel_tol=1e-5)
 
@@ -103,10 +144,10 @@ def test_label_smoothing_against_hand_computation():
 def test_label_smoothing_is_read_from_config():
     cfg = get_default_config()
     cfg.LOSS.LABEL_SMOOTH = 0.1
-    assert build_loss(cfg).label_smooth == 0.1
+    assert build_criterion(cfg).label_smooth == 0.1
     cfg.LOSS.LABEL_SMOOTH = 1.0
     with pytest.raises(ConfigError, match="LABEL_SMOOTH"):
-        build_loss(cfg)
+        build_criterion(cfg)
 
 
 def test_triplet_against_loop_reference():
@@ -155,36 +196,54 @@ def test_cpm_rejects_mismatched_blocks():
 
 def test_dcl_schedule_by_epoch():
     sysu = build_config("sysu")
-    weights = {e: dcl_weight_at(sysu.LOSS.DCL_WEIGHTS, sysu.LOSS.DCL_MILESTONES, e) for e in (0, 10, 11, 20, 21, 150)}
+    weights = {e: dcl_weight_at(sysu.LOSS.CMFN.DCL_WEIGHTS, sysu.LOSS.CMFN.DCL_MILESTONES, e) for e in (0, 10, 11, 20, 21, 150)}
     assert weights == {0: 0.1, 10: 0.1, 11: 0.01, 20: 0.01, 21: 0.0, 150: 0.0}
     regdb = build_config("regdb")
-    weights = {e: dcl_weight_at(regdb.LOSS.DCL_WEIGHTS, regdb.LOSS.DCL_MILESTONES, e) for e in (0, 5, 6, 150)}
+    weights = {e: dcl_weight_at(regdb.LOSS.CMFN.DCL_WEIGHTS, regdb.LOSS.CMFN.DCL_MILESTONES, e) for e in (0, 5, 6, 150)}
     assert weights == {0: 0.1, 5: 0.1, 6: 0.01, 150: 0.01}
 
 
 def test_dcl_is_skipped_when_its_weight_is_zero(golden):
-    criterion = build_loss(get_default_config())
-    feat, logits, loss_ort, label_v, label_i = _golden_criterion_inputs(golden)
-    total_on, terms_on = criterion(feat, logits, loss_ort, label_v, label_i, epoch=11)
-    total_off, terms_off = criterion(feat, logits, loss_ort, label_v, label_i, epoch=21)
-    assert terms_on["dcl_weight"] == 0.01 and terms_off["dcl_weight"] == 0.0
+    criterion = build_criterion(get_default_config())
+    model_out, batch = _golden_criterion_inputs(golden)
+    total_on, terms_on, info_on = criterion(model_out, batch, 11)
+    total_off, terms_off, info_off = criterion(model_out, batch, 21)
+    assert info_on["dcl_weight"] == 0.01 and info_off["dcl_weight"] == 0.0
     assert terms_off["dcl"] == 0.0
     assert math.isclose((total_on - total_off).item(), 0.01 * terms_on["dcl"], rel_tol=1e-4)
 
 
 def test_bad_dcl_schedule_is_a_config_error():
     cfg = get_default_config()
-    cfg.LOSS.DCL_WEIGHTS = [0.1, 0.01]
+    cfg.LOSS.CMFN.DCL_WEIGHTS = [0.1, 0.01]
     with pytest.raises(ConfigError, match="DCL_WEIGHTS"):
-        build_loss(cfg)
+        build_criterion(cfg)
+    cfg.LOSS.CMFN.DCL_WEIGHTS = [0.1, 0.01, 0.0]
+    cfg.LOSS.CMFN.DCL_MILESTONES = [21, 11]
+    with pytest.raises(ConfigError, match="DCL_MILESTONES must be increasing"):
+        build_criterion(cfg)
 
 
-def test_unknown_model_name_has_no_loss():
+def test_unknown_criterion_name_lists_the_known_ones():
     cfg = get_default_config()
-    cfg.MODEL.NAME = "nope"
-    with pytest.raises(ConfigError, match="MODEL.NAME"):
-        build_loss(cfg)
-    assert {"cmfn", "baseline"} <= set(LOSSES)
+    cfg.LOSS.NAME = "nope"
+    with pytest.raises(ConfigError, match=r"LOSS\.NAME 'nope'.*known: .*cmfn"):
+        build_criterion(cfg)
+    assert "cmfn" in CRITERIA.names()
+    assert CRITERIA.get("cmfn") is CMFNCriterion
+    assert isinstance(build_criterion(get_default_config()), CMFNCriterion)
+    with pytest.raises(ValueError, match="already registered"):
+        CRITERIA.register("cmfn")(CMFNCriterion)
+
+
+def test_cmfn_criterion_trains_cmfn_and_baseline_only():
+    """The CMFN criterion's outputs are produced by CMFN and by its baseline (same recipe)."""
+    criterion = build_criterion(get_default_config())
+    assert set(criterion.required_outputs) == {"pool", "logits", "ort"}
+    for name in ("cmfn", "baseline"):
+        check_outputs(criterion, MODELS.get(name))
+    with pytest.raises(ConfigError, match="ort"):
+        check_outputs(criterion, MODELS.get("ivreid"))
 
 
 def _random_batch(copies, b=8, num_ids=2, dim=16, num_classes=5, seed=0):
@@ -196,9 +255,9 @@ def _random_batch(copies, b=8, num_ids=2, dim=16, num_classes=5, seed=0):
 
 
 def test_single_copy_path():
-    criterion = build_loss(get_default_config())
+    criterion = build_criterion(get_default_config())
     feat, logits, label = _random_batch(copies=1)
-    total, terms = criterion(feat, logits, torch.tensor(0.0), label, label, epoch=0)
+    total, terms, _ = criterion(outputs(feat, logits, torch.tensor(0.0)), paired_batch(label, label), 0)
     labels = torch.cat([label, label])
     expected = F.cross_entropy(logits, labels) + triplet_loss(feat, labels, 0.3) + 0.1 * dcl_loss(feat, labels)
     assert terms["cpm"] == 0.0 and terms["ort"] == 0.0
@@ -207,22 +266,41 @@ def test_single_copy_path():
 
 
 def test_row_count_must_match_labels():
-    criterion = build_loss(get_default_config())
+    criterion = build_criterion(get_default_config())
     feat, logits, label = _random_batch(copies=1)
-    with pytest.raises(ValueError, match="feat has"):
-        criterion(feat[:-1], logits[:-1], 0.0, label, label, epoch=0)
+    batch = paired_batch(label, label)
+    with pytest.raises(ValueError, match="pool has 15 rows"):
+        criterion(outputs(feat[:-1], logits[:-1], 0.0), batch, 0)
+    with pytest.raises(ValueError, match="logits have 15 rows"):
+        criterion(outputs(feat, logits[:-1], 0.0), batch, 0)
+
+
+def test_batch_must_be_paired():
+    """B visible rows, then B infrared rows: any other modality layout is refused."""
+    criterion = build_criterion(get_default_config())
+    feat, logits, label = _random_batch(copies=1)
+    out = outputs(feat, logits, 0.0)
+    batch = paired_batch(label, label)
+    for modality in (batch["modality"].flip(0), torch.zeros_like(batch["modality"]),
+                     batch["modality"].roll(1)):
+        with pytest.raises(ValueError, match="paired batches"):
+            criterion(out, dict(batch, modality=modality), 0)
+    odd = {"pids": batch["pids"][:-1], "modality": batch["modality"][:-1]}
+    with pytest.raises(ValueError, match="paired batches"):
+        criterion(outputs(feat[:-1], logits[:-1], 0.0), odd, 0)
 
 
 def test_bf16_autocast_is_finite_and_close_to_fp32():
-    criterion = build_loss(get_default_config())
+    criterion = build_criterion(get_default_config())
     feat, logits, label = _random_batch(copies=3, b=12, num_ids=3, dim=64)
     loss_ort = torch.tensor(1.5)
-    total32, terms32 = criterion(feat, logits, loss_ort, label, label, epoch=0)
+    batch = paired_batch(label, label)
+    total32, terms32, _ = criterion(outputs(feat, logits, loss_ort), batch, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # float32 inputs inside autocast: the distances are still computed in float32
-        total_same, _ = criterion(feat, logits, loss_ort, label, label, epoch=0)
+        total_same, _, _ = criterion(outputs(feat, logits, loss_ort), batch, 0)
         feat16 = feat.bfloat16().requires_grad_(True)
-        total16, terms16 = criterion(feat16, logits.bfloat16(), loss_ort.bfloat16(), label, label, epoch=0)
+        total16, terms16, _ = criterion(outputs(feat16, logits.bfloat16(), loss_ort.bfloat16()), batch, 0)
     assert torch.equal(total_same, total32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         standalone = [triplet_loss(feat, label.repeat(6), 0.3), dcl_loss(feat[:24], label.repeat(2))]

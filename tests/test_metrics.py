@@ -1,8 +1,9 @@
-"""utils/metrics.py, utils/distance.py and utils/evaluation.py.
+"""evaluation/metrics.py, evaluation/distance.py and evaluation/trials.py.
 
 Expectations come from the golden outputs of the released eval_metrics.py
 (tests/golden/eval_metrics.npz), from the per-query loop reference tests/reference_eval.py,
-and from hand-computed cases (the worked example of spec 3.2).
+and from hand-computed cases (a SYSU query whose ranked gallery is worked out by hand, with
+and without the cam-2 removal).
 """
 import json
 import os
@@ -12,9 +13,9 @@ import pytest
 import torch
 
 from reference_eval import reference_evaluate
-from utils.distance import compute_distance
-from utils.evaluation import evaluate_trials, format_table
-from utils.metrics import evaluate
+from evaluation.distance import compute_distance
+from evaluation.trials import evaluate_trials, format_table
+from evaluation.metrics import evaluate
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "eval_metrics.npz")
 
@@ -117,7 +118,7 @@ def test_ties_at_the_first_match_and_with_removed_items():
 def test_torch_path_small_blocks_and_budget(monkeypatch, protocol):
     """The torch code path (the one that runs on GPUs), and the CPU path with sort blocks of
     one or two rows and a memory budget that reads one row at a time."""
-    import utils.metrics as metrics
+    import evaluation.metrics as metrics
 
     for seed, ties in ((30, False), (31, True)):
         args = random_problem(seed, protocol, ties=ties)
@@ -136,7 +137,7 @@ def test_torch_path_small_blocks_and_budget(monkeypatch, protocol):
 @pytest.mark.parametrize("protocol", ["sysu", "llcm"])
 def test_long_rows(monkeypatch, protocol):
     # Over 1024 gallery items: each row's sort cap is raised to a sampled percentile.
-    import utils.metrics as metrics
+    import evaluation.metrics as metrics
 
     for ties in (False, True):
         args = random_problem(40 + ties, protocol, n_ids=260, n_query=50, ties=ties)
@@ -210,8 +211,8 @@ def test_per_query_values():
 
 
 def worked_example(query_cam):
-    """Spec 3.2: a query with pid 3 ranks the gallery as pids [5, 5, 7, 3, 9, 3], the second 5
-    in cam 2 (22 more identities follow so the reference keeps 20 distinct ids)."""
+    """A query with pid 3 ranks the gallery as pids [5, 5, 7, 3, 9, 3], the second 5 in cam 2
+    (22 more identities follow so the reference keeps 20 distinct ids)."""
     g_pids = np.array([5, 5, 7, 3, 9, 3] + list(range(10, 32)))
     g_cams = np.array([1, 2, 4, 1, 5, 4] + [1] * 22)
     dist = np.arange(len(g_pids), dtype=np.float64)[None]

@@ -1,22 +1,23 @@
-"""Model blocks: parameter counts (spec 5), initialisation (spec 2.11), shapes, converters,
-and the corrected variants (spec 6) against independent reference computations."""
+"""Model blocks: parameter counts (the released modules' counts, docs/cmfn.md), initialisation,
+shapes, converters, and the corrected variants (MODEL.CMFN.FIX.*) against independent
+reference computations."""
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import global_block, irmlp, mbue, wtconv
-from model.csc_cma import CSCCMA
-from model.dilated_bottleneck import DilatedBottleneck
-from model.global_block import GlobalBlock
-from model.hce import HCE
-from model.irmlp import IRMLP
+from model.cmfn import global_block, irmlp, mbue, wtconv
+from model.cmfn.csc_cma import CSCCMA
+from model.cmfn.dilated_bottleneck import DilatedBottleneck
+from model.cmfn.global_block import GlobalBlock
+from model.cmfn.hce import HCE
+from model.cmfn.irmlp import IRMLP
 from model.layers import ConversionError, DropPath, LayerNorm2d
-from model.local_block import LocalBlock
-from model.mbue import MBUE
-from model.mfa import MFA
-from model.wtconv import WTConv2d
+from model.cmfn.local_block import LocalBlock
+from model.cmfn.mbue import MBUE
+from model.cmfn.mfa import MFA
+from model.cmfn.wtconv import WTConv2d
 
 torch.set_num_threads(2)
 
@@ -34,7 +35,8 @@ def meta(factory):
         return factory()
 
 
-# ---- parameter counts at full size (spec 5), built on the meta device (no memory, no forward)
+# ---- parameter counts at full size (those of the released modules), built on the meta device
+# (no memory, no forward)
 
 @pytest.mark.parametrize("factory, expected", [
     (lambda: HCE(64, 128, 256), 485_120),
@@ -51,7 +53,7 @@ def meta(factory):
     (lambda: IRMLP(768, 256), 8_456_192),
     (lambda: IRMLP(384, 128), 2_114_560),
     # The released modules list the fixed Haar filters as (frozen) parameters; here they are a
-    # constant buffer, so these counts are the spec's minus those elements.
+    # constant buffer, so these counts are the released ones minus those elements.
     (lambda: WTConv2d(256), 20_992 - HAAR_FROZEN_D256),
     (lambda: CSCCMA(256), 9_089_381 - HAAR_FROZEN_D256),
     (lambda: CSCCMA(128), 2_279_653 - HAAR_FROZEN_D128),
@@ -67,8 +69,8 @@ def test_global_block_parameter_split():
 
 
 def test_mbue_parameter_counts_exclude_dead_tensors():
-    # spec 5 counts every released tensor; the released model never uses compression1 nor the
-    # two 3x3 context convs, which are not built here.
+    # The released count includes every tensor the released MBUE builds; it never uses
+    # compression1 nor the two 3x3 context convs, which are not built here.
     full = 51_797_738 - 2 * 2_359_296 - 262_656
     assert full == 46_816_490
     assert n_params(meta(lambda: MBUE(1024))) == full - 2 * HAAR_FROZEN_D256
@@ -87,7 +89,7 @@ def test_mbue_variant_parameter_counts():
     assert n_params(meta(lambda: MBUE(1024, fix_swin=True))) == base
 
 
-# ---- initialisation (spec 2.11)
+# ---- initialisation (the released init of each block)
 
 def test_fresh_mfa_is_identity_on_the_main_path():
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
-"""End-to-end tests of the assembled models (CMFN, baseline), the factory, load_model and the
-ImageNet weight loading. Tiny ResNet-18 models on 64x32 images, no pretrained weights unless a
-fake weight file is made in tmp_path."""
+"""End-to-end tests of the assembled models (CMFN, baseline) under the model contract
+(``model(images, modality)``: a dict of training outputs in train mode, a dict of
+L2-normalised embedding sets in eval mode), the registry, load_model and the ImageNet weight
+loading. Tiny ResNet-18 models on 64x32 images, no pretrained weights unless a fake weight
+file is made in tmp_path."""
 import copy
 import logging
 import os
@@ -10,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import MODELS, build_model, load_model, register_model
-from model.cmfn import orthogonality_loss
-from model.head import BNNeckHead
+from loss.orthogonality import orthogonality_loss
+from model import MODELS, ReIDModel, build_model, load_model
+from model.cmfn.baseline import Baseline
+from model.cmfn.cmfn import CMFN
+from model.heads import BNNeckHead
 from model.pretrained import PretrainedWeightsError, find_imagenet_weights
-from utils.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
 from utils.compat import torchvision  # noqa: F401
 from utils.config import ConfigError, build_config
 import torchvision.models
@@ -26,7 +30,7 @@ H, W, B, C = 64, 32, 2, 7
 def tiny_cfg(name="cmfn", dataset="sysu", *opts):
     return build_config(dataset, opts=[
         "MODEL.NAME", name, "MODEL.BACKBONE", "resnet18", "MODEL.PRETRAINED", "False",
-        "MODEL.DROPOUT", "0.0", "MODEL.DROP_PATH", "0.0", *opts,
+        "MODEL.CMFN.DROPOUT", "0.0", "MODEL.CMFN.DROP_PATH", "0.0", *opts,
     ])
 
 
@@ -37,6 +41,16 @@ def tiny_model(name="cmfn", dataset="sysu", *opts):
 
 def images(n, seed):
     return torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def paired(x_vis, x_ir):
+    """A paired batch: the visible images, then the infrared ones, and their modality ids."""
+    modality = torch.cat([torch.zeros(len(x_vis), dtype=torch.int64), torch.ones(len(x_ir), dtype=torch.int64)])
+    return torch.cat([x_vis, x_ir]), modality
+
+
+# the embedding sets of each copy, [orig, branch1, branch2]
+POOL_SETS, BN_SETS = ("pool_orig", "pool_br1", "pool_br2"), ("bn_orig", "bn_br1", "bn_br2")
 
 
 def bn_frozen_train(model):
@@ -71,18 +85,23 @@ def test_shapes_and_normalisation(name, dataset, copies, dim):
     assert model.num_copies == copies and model.feat_dim == dim
     assert isinstance(model.head, BNNeckHead)
     model.train()
-    pool, logits, loss_ort = model(images(B, 1), images(B, 2))
+    out = model(*paired(images(B, 1), images(B, 2)))
+    assert tuple(out) == model.train_outputs == ("pool", "logits", "ort")
+    pool, logits, loss_ort = out["pool"], out["logits"], out["ort"]
     assert pool.shape == (copies * 2 * B, dim) and logits.shape == (copies * 2 * B, C)
     assert loss_ort.shape == ()
     (logits.sum() + pool.sum() + loss_ort).backward()
     model.zero_grad(set_to_none=True)
     model.eval()
+    assert model.embedding_sets == (POOL_SETS[0], BN_SETS[0], POOL_SETS[1], BN_SETS[1], POOL_SETS[2],
+                                    BN_SETS[2])[:2 * copies]
     with torch.no_grad():
         for modality in ("visible", "infrared"):
-            out_pool, out_bn = model(images(3, 3), modality=modality)
-            for out in (out_pool, out_bn):
-                assert out.shape == (copies * 3, dim)
-                torch.testing.assert_close(out.norm(dim=1), torch.ones(copies * 3))
+            sets = model(images(3, 3), modality=modality)
+            assert tuple(sets) == model.embedding_sets
+            for out in sets.values():
+                assert out.shape == (3, dim)
+                torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
 
 
 def test_regdb_configuration_builds_no_deep_modules():
@@ -98,26 +117,47 @@ def test_train_rows_match_eval_per_modality_and_copy(cmfn):
     """Row order [vis_orig, ir_orig, vis_br1, ir_br1, vis_br2, ir_br2], checked against eval calls."""
     x_vis, x_ir = images(B, 4), images(B, 5)
     with torch.no_grad():
-        pool, logits, _ = bn_frozen_train(cmfn)(x_vis, x_ir)
+        out = bn_frozen_train(cmfn)(*paired(x_vis, x_ir))
+        pool, logits = out["pool"], out["logits"]
         cmfn.eval()
-        vis_pool, vis_bn = cmfn(x_vis, modality="visible")
-        ir_pool, _ = cmfn(x_ir, modality="infrared")
+        vis = cmfn(x_vis, modality="visible")
+        ir = cmfn(x_ir, modality="infrared")
     blocks = pool.split(B)
     for copy in range(3):
-        torch.testing.assert_close(F.normalize(blocks[2 * copy]), vis_pool[copy * B:(copy + 1) * B], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(F.normalize(blocks[2 * copy + 1]), ir_pool[copy * B:(copy + 1) * B], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(F.normalize(blocks[2 * copy]), vis[POOL_SETS[copy]], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(F.normalize(blocks[2 * copy + 1]), ir[POOL_SETS[copy]], atol=1e-5, rtol=1e-4)
     # logits = classifier(BNNeck(pool)), row by row.
     expected = cmfn.head.classifier(cmfn.head.bnneck(pool))
     torch.testing.assert_close(logits, expected)
-    torch.testing.assert_close(F.normalize(cmfn.head.bnneck(pool[:B])), vis_bn[:B], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(F.normalize(cmfn.head.bnneck(pool[:B])), vis["bn_orig"], atol=1e-5, rtol=1e-4)
+
+
+def test_per_row_modality_in_any_order():
+    """Each row goes through the stem of its own modality id, also when the modalities are
+    interleaved, in train mode (BN on running statistics) and in eval mode. The stems are the
+    backbone's, shared with CMFN; the baseline is the cheaper model to run them."""
+    model = cached_model("baseline")
+    x = images(4, 13)
+    modality = torch.tensor([1, 0, 0, 1])
+    with torch.no_grad():
+        pool = bn_frozen_train(model)(x, modality)["pool"]
+        model.eval()
+        mixed = model(x, modality)
+        vis = model(x[1:3], modality="visible")
+        ir = model(x[[0, 3]], modality="infrared")
+    for name in model.embedding_sets:
+        expected = torch.stack([ir[name][0], vis[name][0], vis[name][1], ir[name][1]])
+        torch.testing.assert_close(mixed[name], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(F.normalize(pool), mixed["pool_orig"], atol=1e-5, rtol=1e-4)
 
 
 def test_eval_copies_are_blocks_in_mbue_order(cmfn):
-    """Perturbing MBUE output block k changes exactly eval rows [kN, (k+1)N)."""
+    """Perturbing MBUE output block k changes exactly the rows of copy k's sets (k = orig,
+    branch1, branch2), every row of them, and nothing else."""
     cmfn.eval()
     x, n = images(3, 6), 3
     with torch.no_grad():
-        reference = cmfn(x, modality="visible")[0]
+        reference = cmfn(x, modality="visible")
         for block in range(3):
             def perturb(module, inputs, output, block=block):
                 output = output.clone()
@@ -126,20 +166,24 @@ def test_eval_copies_are_blocks_in_mbue_order(cmfn):
 
             handle = cmfn.mbue.register_forward_hook(perturb)
             try:
-                changed = cmfn(x, modality="visible")[0]
+                changed = cmfn(x, modality="visible")
             finally:
                 handle.remove()
-            differs = (changed - reference).abs().amax(dim=1) > 1e-4
-            assert differs.tolist() == [block * n <= r < (block + 1) * n for r in range(3 * n)]
-        # Each image's three rows depend on that image alone.
-        single = cmfn(x[1:2], modality="visible")[0]
-    torch.testing.assert_close(single, reference[[1, n + 1, 2 * n + 1]], atol=1e-5, rtol=1e-4)
+            for copy, names in enumerate(zip(POOL_SETS, BN_SETS)):
+                for name in names:
+                    differs = (changed[name] - reference[name]).abs().amax(dim=1) > 1e-4
+                    assert differs.tolist() == [copy == block] * n, (block, name)
+        # Each image's rows depend on that image alone.
+        single = cmfn(x[1:2], modality="visible")
+    for name in cmfn.embedding_sets:
+        torch.testing.assert_close(single[name], reference[name][1:2], atol=1e-5, rtol=1e-4)
 
 
 def test_loss_ort_matches_a_loop_over_rows(cmfn):
     cmfn.train()
     with torch.no_grad():
-        pool, _, loss_ort = cmfn(images(B, 7), images(B, 8))
+        out = cmfn(*paired(images(B, 7), images(B, 8)))
+    pool, loss_ort = out["pool"], out["ort"]
     n = 2 * B
     expected = sum(float(torch.dot(pool[n + i].double(), pool[2 * n + i].double())) for i in range(n)) / (3 * n)
     assert loss_ort.item() == pytest.approx(expected, rel=1e-5)
@@ -158,36 +202,44 @@ def test_modalities_differ_only_through_the_stem(name):
     with torch.no_grad():
         vis = model(x, modality="visible")
         ir = model(x, modality="infrared")
-        assert not torch.allclose(vis[0], ir[0], atol=1e-4)
+        assert not torch.allclose(vis["pool_orig"], ir["pool_orig"], atol=1e-4)
         model.backbone.infrared_stem.load_state_dict(model.backbone.visible_stem.state_dict())
         ir = model(x, modality="infrared")
-    for a, b in zip(vis, ir):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert tuple(vis) == tuple(ir) == model.embedding_sets
+    for name in model.embedding_sets:
+        torch.testing.assert_close(vis[name], ir[name], atol=0, rtol=0)
 
 
 def test_baseline_rows_and_zero_ort():
     model = cached_model("baseline")
     x_vis, x_ir = images(B, 10), images(B, 11)
     with torch.no_grad():
-        pool, _, loss_ort = bn_frozen_train(model)(x_vis, x_ir)
+        out = bn_frozen_train(model)(*paired(x_vis, x_ir))
+        pool, loss_ort = out["pool"], out["ort"]
         model.eval()
-        vis_pool, _ = model(x_vis, modality="visible")
-        ir_pool, _ = model(x_ir, modality="infrared")
+        vis = model(x_vis, modality="visible")
+        ir = model(x_ir, modality="infrared")
     assert loss_ort.item() == 0.0
-    torch.testing.assert_close(F.normalize(pool[:B]), vis_pool, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(F.normalize(pool[B:]), ir_pool, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(F.normalize(pool[:B]), vis["pool_orig"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(F.normalize(pool[B:]), ir["pool_orig"], atol=1e-5, rtol=1e-4)
     assert not any(k.startswith(("hce", "mfa", "mbue")) for k in model.state_dict())
 
 
 def test_forward_contract_errors(cmfn):
-    cmfn.train()
-    with pytest.raises(ValueError, match="x_vis, x_ir"):
-        cmfn(images(B, 1))
+    for train in (True, False):
+        cmfn.train(train)
+        with pytest.raises(ValueError, match="modality"):
+            cmfn(images(B, 1), modality="thermal")
     cmfn.eval()
-    with pytest.raises(ValueError, match="modality"):
-        cmfn(images(B, 1), modality="thermal")
-    with pytest.raises(ValueError, match="one batch"):
-        cmfn(images(B, 1), images(B, 2))
+
+
+def test_forward_rejects_a_malformed_modality_tensor():
+    model = cached_model("baseline").eval()  # the stems are the backbone's, shared with CMFN
+    x = images(B, 1)
+    for modality in (torch.zeros(B + 1, dtype=torch.int64), torch.full((B,), 2), images(B, 2)):
+        with pytest.raises(ValueError, match="modality"):
+            with torch.no_grad():
+                model(x, modality)
 
 
 def test_head_initialisation():
@@ -212,19 +264,46 @@ def test_last_stride_and_widths(cmfn):
 
 
 def test_registry():
-    with pytest.raises(ConfigError, match="not a registered model"):
-        build_model(tiny_cfg("nonexistent"), C)
+    assert {"baseline", "cmfn", "ivreid"} <= set(MODELS.names())
+    with pytest.raises(ConfigError, match=r"MODEL\.NAME 'nonexistent' is not a registered model \(known: %s\)"
+                                          % ", ".join(MODELS.names())):
+        MODELS.get("nonexistent")
+    with pytest.raises(ConfigError, match="did you mean 'cmfn'"):
+        MODELS.get("cmfm")
+    assert MODELS.get("cmfn") is CMFN and MODELS.get("baseline") is Baseline
+    with pytest.raises(ValueError, match="already registered"):
+        MODELS.register("cmfn")(Baseline)
+    assert MODELS.get("cmfn") is CMFN
 
-    @register_model("tiny_test_model")
-    def build(cfg, num_classes):
-        return nn.Linear(1, num_classes)
+    class TinyTestModel(ReIDModel):
+        @classmethod
+        def from_config(cls, cfg, num_classes):
+            model = cls()
+            model.linear = nn.Linear(1, num_classes)
+            return model
 
+    MODELS.register("tiny_test_model")(TinyTestModel)
     try:
-        assert build_model(tiny_cfg("tiny_test_model"), 3).out_features == 3
+        assert build_model(tiny_cfg("tiny_test_model"), 3).linear.out_features == 3
         with pytest.raises(ValueError, match="already registered"):
-            register_model("tiny_test_model")(build)
+            MODELS.register("tiny_test_model")(TinyTestModel)
+        with pytest.raises(ConfigError, match="num_classes must be positive"):
+            build_model(tiny_cfg("tiny_test_model"), 0)
     finally:
-        MODELS.pop("tiny_test_model")
+        MODELS._parts.pop("tiny_test_model")
+    assert "tiny_test_model" not in MODELS
+
+
+def test_param_groups(cmfn):
+    """head.* (BNNeck weight, classifier) at lr factor 1; every other trainable parameter at
+    SOLVER.BACKBONE_LR_FACTOR; the frozen BNNeck bias in neither."""
+    groups = {g["name"]: g for g in cmfn.param_groups(tiny_cfg("cmfn", "sysu", "SOLVER.BACKBONE_LR_FACTOR", "0.25"))}
+    assert set(groups) == {"head", "backbone"}
+    assert groups["head"]["lr_factor"] == 1.0 and groups["backbone"]["lr_factor"] == 0.25
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert ids["head"] == {id(cmfn.head.bnneck.weight), id(cmfn.head.classifier.weight)}
+    rest = {id(p) for n, p in cmfn.named_parameters() if p.requires_grad and not n.startswith("head.")}
+    assert ids["backbone"] == rest
 
 
 def test_load_model_roundtrip(tmp_path, cmfn):
@@ -240,8 +319,10 @@ def test_load_model_roundtrip(tmp_path, cmfn):
     cmfn.eval()
     x = images(2, 12)
     with torch.no_grad():
-        for a, b in zip(cmfn(x, modality="infrared"), loaded(x, modality="infrared")):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        expected, got = cmfn(x, modality="infrared"), loaded(x, modality="infrared")
+    assert tuple(got) == tuple(expected) == CMFN.embedding_sets
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0)
 
     # Saved from a DDP-wrapped model: the wrapper prefix is removed.
     wrapped = {"module." + k: v for k, v in cmfn.state_dict().items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import (csc_cma, dilated_bottleneck, global_block, hce, irmlp, local_block, mbue, mfa,
+from model.cmfn import (csc_cma, dilated_bottleneck, global_block, hce, irmlp, local_block, mbue, mfa,
                    wtconv)
 
 torch.set_num_threads(2)

@@ -1,6 +1,6 @@
-"""utils/rerank.py against a direct per-item loop implementation of the same algorithm.
+"""evaluation/rerank.py against a direct per-item loop implementation of the same algorithm.
 
-The loop version below follows the steps of the utils.rerank docstring literally: a dense
+The loop version below follows the steps of the evaluation.rerank docstring literally: a dense
 normalised joint matrix, Python sets for the reciprocal neighbourhoods and the expansion,
 dense weight rows and the Jaccard sums over the whole pool.
 """
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.evaluation import evaluate_trials
-from utils.metrics import evaluate
-from utils.rerank import k_reciprocal_rerank
+from evaluation.trials import evaluate_trials
+from evaluation.metrics import evaluate
+from evaluation.rerank import k_reciprocal_rerank
 
 
 def loop_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion="paper"):

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from reference_eval import reference_evaluate
-from utils.checkpoint import file_sha256, make_checkpoint, save_checkpoint
+from engine.checkpoint import file_sha256, make_checkpoint, save_checkpoint
 from utils.config import build_config
+from utils.errors import UserError
 
 torch.set_num_threads(2)
 
@@ -240,28 +241,30 @@ def test_llcm_directions(work, tmp_path, direction):
 
 def test_option_errors(work, tmp_path):
     root = ["DATASET.ROOT", work["base"] / "sysu", *COMMON]
-    with pytest.raises(script.TestError, match="--resume CHECKPOINT is required"):
+    with pytest.raises(UserError, match="--resume CHECKPOINT is required"):
         run("--dataset", "sysu", *root)
-    with pytest.raises(script.TestError, match="checkpoint not found: .*nothing.pth"):
+    with pytest.raises(UserError, match="checkpoint not found: .*nothing.pth"):
         run("--dataset", "sysu", "--resume", tmp_path / "nothing.pth", *root)
-    with pytest.raises(script.TestError, match="--trial applies to RegDB only"):
+    with pytest.raises(UserError, match="--trial applies to RegDB"):
         run("--dataset", "sysu", "--trial", "2", "--resume", work["cmfn"], *root)
-    with pytest.raises(script.TestError, match="DATASET.TRIAL"):
+    with pytest.raises(UserError, match="DATASET.TRIAL"):
         run("--dataset", "regdb", "--trial", "x", "--resume", work["cmfn"], *root)
-    with pytest.raises(script.TestError, match="1..10"):
+    with pytest.raises(UserError, match="1..10"):
         run("--dataset", "regdb", "--trial", "11", "--resume", work["cmfn"], *root)
-    with pytest.raises(script.TestError, match="TEST.NOPE"):
+    with pytest.raises(UserError, match="TEST.FEATURE 'nope' is not an embedding of the Baseline model"):
+        run("--dataset", "sysu", "--resume", work["baseline"], "--feature", "nope", *root)
+    with pytest.raises(UserError, match="TEST.NOPE"):
         run("--dataset", "sysu", "--resume", work["cmfn"], "TEST.NOPE", "1")
-    with pytest.raises(script.TestError, match="DEVICE"):
+    with pytest.raises(UserError, match="DEVICE"):
         run("--dataset", "sysu", "--resume", work["cmfn"], *root, "DEVICE", "gpu0")
     # --trial all with a pattern: every missing file is named before anything is evaluated
     for t in (1, 2, 3):
         shutil.copy(work["cmfn"], tmp_path / ("ck%d.pth" % t))
-    with pytest.raises(script.TestError, match=r"ck4\.pth \(and 6 more: .*ck10\.pth\)"):
+    with pytest.raises(UserError, match=r"ck4\.pth \(and 6 more: .*ck10\.pth\)"):
         run("--dataset", "regdb", "--trial", "all", "--resume", tmp_path / "ck{trial}.pth", *root)
-    with pytest.raises(script.TestError, match="OUTPUT_DIR is set"):
+    with pytest.raises(UserError, match="OUTPUT_DIR is set"):
         run("--dataset", "regdb", "--trial", "all", "OUTPUT_DIR", tmp_path / "one", *root)
-    with pytest.raises(script.TestError, match="no per-trial checkpoints"):
+    with pytest.raises(UserError, match="no per-trial checkpoints"):
         run("--dataset", "sysu", "--resume", tmp_path / "ck{trial}.pth", *root)
 
 

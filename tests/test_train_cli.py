@@ -6,8 +6,9 @@ import sys
 import pytest
 
 import train
-from utils.checkpoint import load_checkpoint
-from utils.run_dir import read_metrics
+from engine.run_config import resolve_run_config
+from engine.checkpoint import load_checkpoint
+from engine.run_dir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ def test_train_regdb_sh_runs_every_trial(tmp_path):
                      for t in range(1, 11)]
     # each trial's command resolves to its own run directory
     for t, line in enumerate(lines, 1):
-        cfg, _, _, _ = train.build_run_config(train.parse_args(line.split()[1:]))
+        cfg, _, _, _ = resolve_run_config(train.parse_args(line.split()[1:]))
         assert cfg.DATASET.TRIAL == t and cfg.OUTPUT_DIR == os.path.join("runs", "regdb_trial%d" % t)
 
 

@@ -1,5 +1,6 @@
-"""Unit tests of the training-loop helpers: utils/training.py, utils/run_dir.py,
-utils/logger.py, utils/distributed.py (single process) and train.py's argument handling."""
+"""Unit tests of the training-loop helpers: engine/training.py, engine/run_dir.py,
+utils/logger.py, engine/distributed.py (single process; tests/test_distributed_sync.py runs two),
+engine/evaluate.py's schedule and selection, and train.py's argument handling."""
 import glob
 import json
 import logging
@@ -13,10 +14,13 @@ import torch
 
 import train
 from utils.config import ConfigError, build_config
-from utils.distributed import DistContext, any_across_ranks, parameters_in_sync, unwrap_model, wrap_model
+from engine.distributed import DistContext, any_across_ranks, unwrap_model, wrap_model
+from engine.evaluate import evaluation_due, update_best
+from engine.run_config import config_differences
+from engine.state import Progress
 from utils.logger import TensorboardWriter, close_logger, setup_logger
-from utils.run_dir import RunDirError, check_run_dir, prepare_run_dir, read_metrics, trim_metrics
-from utils.training import (GracefulStop, MixedPrecision, NonFiniteError, capture_rng_state,
+from engine.run_dir import RunDirError, check_run_dir, prepare_run_dir, read_metrics, trim_metrics
+from engine.training import (GracefulStop, MixedPrecision, NonFiniteError, capture_rng_state,
                             check_finite_loss, check_finite_state, derive_seed, restore_rng_state,
                             seed_epoch)
 
@@ -167,7 +171,6 @@ def test_single_process_distributed_helpers():
     assert wrap_model(model, ctx) is model
     assert unwrap_model(model) is model
     assert any_across_ranks(ctx, [False, True]) == [False, True]
-    assert parameters_in_sync(model, ctx)
     with pytest.raises(ConfigError, match="SYNC_BN needs CUDA"):
         wrap_model(model, ctx, sync_bn=True)
 
@@ -181,16 +184,29 @@ def test_parse_args_recovers_flags_and_overrides():
     assert args.resume == "runs/a/last.pth" and args.opts == ["SEED", "3"]
     args = train.parse_args(["--dataset", "demo"])
     assert args.resume is None and not args.overwrite
+    args = train.parse_args(["--method", "ivreid", "SEED", "1", "--dataset", "demo", "--check-sync"])
+    assert (args.method, args.dataset, args.check_sync, args.opts) == ("ivreid", "demo", True, ["SEED", "1"])
 
 
 def test_config_differences():
     a = build_config("demo", freeze=False)
     b = build_config("demo", opts=["SOLVER.MAX_EPOCHS", "3"], freeze=False)
-    assert train.config_differences(a, b) == ["SOLVER.MAX_EPOCHS: 13 -> 3"]
+    assert config_differences(a, b) == ["SOLVER.MAX_EPOCHS: 13 -> 3"]
 
 
 def test_evaluation_schedule():
     cfg = build_config("demo", opts=["SOLVER.MAX_EPOCHS", "6", "SOLVER.EVAL_START", "1", "SOLVER.EVAL_PERIOD", "2"])
-    assert [e for e in range(6) if train.evaluation_due(cfg, e)] == [1, 3, 5]
+    assert [e for e in range(6) if evaluation_due(cfg, e)] == [1, 3, 5]
     cfg = build_config("demo", opts=["SOLVER.MAX_EPOCHS", "4", "SOLVER.EVAL_START", "9"])
-    assert [e for e in range(4) if train.evaluation_due(cfg, e)] == [3]  # the last epoch always
+    assert [e for e in range(4) if evaluation_due(cfg, e)] == [3]  # the last epoch always
+
+
+def test_selection_rules():
+    cfg = build_config("demo", opts=["SOLVER.SELECT_BY", "test", "SOLVER.BEST_METRIC", "mAP"])
+    progress = Progress()
+    assert update_best(cfg, progress, {"test": {"mAP": 0.2}}, 1) and progress.best_epoch == 1
+    assert not update_best(cfg, progress, {"test": {"mAP": 0.1}}, 3) and progress.best_value == 0.2
+    assert not update_best(cfg, progress, {}, 4)
+    assert update_best(cfg, progress, {"test": {"mAP": 0.3}}, 5) and (progress.best_value, progress.best_epoch) == (0.3, 5)
+    last = build_config("demo", opts=["SOLVER.SELECT_BY", "last"])
+    assert update_best(last, progress, {}, 6) and progress.best_epoch == 6

@@ -12,8 +12,8 @@ import torch
 
 import loss as loss_pkg
 import train
-from utils.checkpoint import load_checkpoint
-from utils.run_dir import read_metrics
+from engine.checkpoint import load_checkpoint
+from engine.run_dir import read_metrics
 from tiny_train import tiny_opts as shared_tiny_opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +48,7 @@ class SignalAtCall:
 
     def __init__(self, inner, at, sig=signal.SIGTERM):
         self.inner, self.at, self.sig, self.calls = inner, at, sig, 0
+        self.required_outputs = inner.required_outputs
 
     def __call__(self, *args):
         self.calls += 1
@@ -57,8 +58,8 @@ class SignalAtCall:
 
 
 def _patch_loss(monkeypatch, at, sig=signal.SIGTERM):
-    build = loss_pkg.build_loss
-    monkeypatch.setattr(loss_pkg, "build_loss", lambda cfg: SignalAtCall(build(cfg), at, sig))
+    build = loss_pkg.build_criterion
+    monkeypatch.setattr(loss_pkg, "build_criterion", lambda cfg: SignalAtCall(build(cfg), at, sig))
 
 
 def assert_same_run(run_a, run_b):

@@ -10,9 +10,10 @@ import pytest
 import loss as loss_pkg
 import train
 from data.errors import DatasetError
-from utils.checkpoint import CheckpointError, load_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.training import NonFiniteError
 from utils.config import ConfigError
-from utils.run_dir import RunDirError
+from engine.run_dir import RunDirError
 from tiny_train import tiny_opts as shared_tiny_opts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,21 +31,22 @@ def data_root(tmp_path_factory):
 class NanAtCall:
     def __init__(self, inner, at):
         self.inner, self.at, self.calls = inner, at, 0
+        self.required_outputs = inner.required_outputs
 
     def __call__(self, *args):
         self.calls += 1
-        total, terms = self.inner(*args)
+        total, terms, info = self.inner(*args)
         if self.calls == self.at:
             total = total * float("nan")
             terms = dict(terms, tri=float("nan"), total=float("nan"))
-        return total, terms
+        return total, terms, info
 
 
 def test_nan_loss_stops_the_run(tmp_path, data_root, monkeypatch):
-    build = loss_pkg.build_loss
-    monkeypatch.setattr(loss_pkg, "build_loss", lambda cfg: NanAtCall(build(cfg), at=3))
+    build = loss_pkg.build_criterion
+    monkeypatch.setattr(loss_pkg, "build_criterion", lambda cfg: NanAtCall(build(cfg), at=3))
     out = str(tmp_path / "run")
-    with pytest.raises(train.NonFiniteError) as err:
+    with pytest.raises(NonFiniteError) as err:
         train.main(["--dataset", "demo"] + tiny_opts(data_root, out))
     msg = str(err.value)
     assert "epoch 1, iteration 0 (global step 2)" in msg and "tri=nan" in msg

@@ -10,13 +10,11 @@ import torch
 import loss as loss_pkg
 import model as model_pkg
 import train
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from utils.config import ConfigError
-from utils.run_dir import read_metrics
-from utils.training import MixedPrecision
+from engine.run_dir import read_metrics
+from engine.training import MixedPrecision
 from tiny_train import tiny_opts
-
-
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +27,19 @@ class Recorder:
 
     def __init__(self, inner):
         self.inner, self.dtypes, self.terms = inner, [], []
+        self.required_outputs = inner.required_outputs
 
-    def __call__(self, feat, *args):
-        self.dtypes.append(feat.dtype)
-        total, terms = self.inner(feat, *args)
+    def __call__(self, outputs, *args):
+        self.dtypes.append(outputs["pool"].dtype)
+        total, terms, info = self.inner(outputs, *args)
         self.terms.append(terms)
-        return total, terms
+        return total, terms, info
 
 
 @pytest.fixture
 def recorded(monkeypatch):
     seen = {}
-    build_loss, build_model = loss_pkg.build_loss, model_pkg.build_model
+    build_loss, build_model = loss_pkg.build_criterion, model_pkg.build_model
 
     def record_loss(cfg):
         seen["criterion"] = Recorder(build_loss(cfg))
@@ -50,7 +49,7 @@ def recorded(monkeypatch):
         seen["model"] = build_model(cfg, num_classes)
         return seen["model"]
 
-    monkeypatch.setattr(loss_pkg, "build_loss", record_loss)
+    monkeypatch.setattr(loss_pkg, "build_criterion", record_loss)
     monkeypatch.setattr(model_pkg, "build_model", record_model)
     return seen
 
@@ -87,7 +86,10 @@ class ScaledCpu(MixedPrecision):
 
 
 def test_fp16_gradscaler_path_and_resume(tmp_path, data_root, recorded, monkeypatch):
+    import engine.run_config
+
     monkeypatch.setattr(train, "MixedPrecision", ScaledCpu)
+    monkeypatch.setattr(engine.run_config, "MixedPrecision", ScaledCpu)
     out = str(tmp_path / "run")
     opts = tiny_opts(data_root, out, **{"SOLVER.AMP": "fp16"})
     assert train.main(["--dataset", "demo"] + opts) == 0
@@ -118,7 +120,8 @@ def test_compile_traces_forward_and_backward(tmp_path, data_root, recorded):
     assert train.main(["--dataset", "demo"] + opts) == 0
     assert len(recorded["criterion"].terms) == 2
     assert all(torch.isfinite(torch.tensor(t["total"])) for t in recorded["criterion"].terms)
-    assert "compile True (aot_eager)" in open(os.path.join(out, "train.log")).read()
+    model_line = [line for line in open(os.path.join(out, "train.log")) if " model baseline/" in line][0]
+    assert "compile True" in model_line and "aot_eager" in model_line
 
 
 @pytest.mark.skipif(not os.environ.get("CMFN_TEST_COMPILE"), reason="inductor compilation of the CMFN takes minutes "

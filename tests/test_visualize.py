@@ -1,4 +1,4 @@
-"""utils/plots.py and tools/visualize_ranks.py: rank lists, grid colours, CMC plot, CLI."""
+"""evaluation/plots.py and tools/visualize_ranks.py: rank lists, grid colours, CMC plot, CLI."""
 import os
 import subprocess
 import sys
@@ -8,18 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.features import save_features, used_gallery_columns
-from utils.plots import (
+from evaluation.embeddings import save_features, used_gallery_columns
+from evaluation.metrics import PROTOCOLS, evaluate
+from evaluation.plots import (
     CORRECT,
     QUERY,
     WRONG,
     draw_rank_grid,
+    parse_queries,
     plot_cmc,
     ranked_gallery,
-    removed_columns,
     save_rank_grids,
     select_queries,
 )
+from tools.visualize_ranks import embedding_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,19 +35,67 @@ def write_images(folder, n):
     return paths
 
 
-def test_removal_rules_and_ranking():
-    g_pids = np.array([5, 5, 7, 3, 9, 3])
-    g_cams = np.array([1, 2, 4, 5, 1, 2])
-    dist = np.arange(6, dtype=np.float32)  # already in rank order
-    # sysu: a cam3 query ignores every cam2 item, a cam6 query nothing
-    assert ranked_gallery(dist, 3, 3, g_pids, g_cams, "sysu", 10).tolist() == [0, 2, 3, 4]
-    assert ranked_gallery(dist, 3, 6, g_pids, g_cams, "sysu", 3).tolist() == [0, 1, 2]
-    # llcm: same identity and same camera number
-    assert removed_columns("llcm", 3, 2, g_pids, g_cams).tolist() == [False] * 5 + [True]
-    assert not removed_columns("regdb", 3, 2, g_pids, g_cams).any()
-    assert ranked_gallery(dist[::-1].copy(), 1, 1, g_pids, g_cams, "regdb", 2).tolist() == [5, 4]
-    with pytest.raises(ValueError, match="protocol"):
-        removed_columns("market1501", 1, 1, g_pids, g_cams)
+# Gallery pids and cameras in rank order (distance = index), for hand-worked removals.
+G_PIDS = np.array([5, 5, 7, 3, 9, 3])
+G_CAMS = np.array([1, 2, 4, 5, 1, 2])
+DIST = np.arange(6, dtype=np.float32)
+
+
+@pytest.mark.parametrize("protocol, q_pid, q_cam, expected", [
+    # sysu: a cam-3 query drops every cam-2 item, of any identity (the 5 and the 3 in cam 2)
+    ("sysu", 3, 3, [0, 2, 3, 4]),
+    ("sysu", 5, 3, [0, 2, 3, 4]),
+    # sysu: a cam-6 query keeps everything
+    ("sysu", 3, 6, [0, 1, 2, 3, 4, 5]),
+    # llcm and market: only the query's own identity in the query's camera
+    ("llcm", 3, 2, [0, 1, 2, 3, 4]),
+    ("llcm", 5, 1, [1, 2, 3, 4, 5]),
+    ("market", 3, 2, [0, 1, 2, 3, 4]),
+    ("market", 5, 1, [1, 2, 3, 4, 5]),
+    ("market", 3, 4, [0, 1, 2, 3, 4, 5]),
+    # regdb: nothing
+    ("regdb", 3, 2, [0, 1, 2, 3, 4, 5]),
+])
+def test_ranked_gallery_applies_the_protocol_removal(protocol, q_pid, q_cam, expected):
+    assert ranked_gallery(DIST, q_pid, q_cam, G_PIDS, G_CAMS, protocol, 10).tolist() == expected
+    assert ranked_gallery(DIST, q_pid, q_cam, G_PIDS, G_CAMS, protocol, 2).tolist() == expected[:2]
+
+
+def test_ranked_gallery_orders_by_distance_then_index():
+    dist = np.array([3.0, 1.0, 2.0, 1.0, 0.0, 5.0])
+    assert ranked_gallery(dist, 3, 2, G_PIDS, G_CAMS, "regdb", 6).tolist() == [4, 1, 3, 2, 0, 5]
+
+
+def test_ranked_gallery_rejects_an_unknown_protocol():
+    with pytest.raises(ValueError, match="unknown protocol 'market1501'"):
+        ranked_gallery(DIST, 3, 2, G_PIDS, G_CAMS, "market1501", 3)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_ranked_gallery_is_the_list_the_metric_scores(protocol):
+    """Per query, the first true match of the drawn list sits at the metric's rank and the
+    list's precision at its hits gives the metric's AP."""
+    rng = np.random.default_rng(len(protocol))
+    g_pids = np.repeat(np.arange(8), 6)
+    g_cams = np.tile([1, 2, 3, 4, 5, 6], 8)
+    q_pids = rng.integers(0, 8, 40)
+    q_cams = rng.choice([2, 3, 6], 40)
+    dist = rng.random((40, len(g_pids)))
+    per_query = evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, return_per_query=True)["per_query"]
+    for qi in range(40):
+        kept = ranked_gallery(dist[qi], q_pids[qi], q_cams[qi], g_pids, g_cams, protocol, len(g_pids))
+        hits = np.flatnonzero(g_pids[kept] == q_pids[qi]) + 1
+        assert per_query["rank"][qi] == hits[0]
+        assert per_query["ap"][qi] == pytest.approx(np.mean(np.arange(1, len(hits) + 1) / hits))
+
+
+def test_parse_queries():
+    assert parse_queries("8") == 8
+    assert parse_queries(8) == 8
+    assert parse_queries("1,5,9") == [1, 5, 9]
+    assert parse_queries(" 3, 4, ") == [3, 4]
+    with pytest.raises(ValueError, match="--queries .* got 'first'"):
+        parse_queries("first")
 
 
 def test_select_queries():
@@ -103,6 +153,11 @@ class _Split:
         self.info = {"dataset": "fake", "direction": "ir2vis"}
 
 
+# test.py --save-features records the embedding it ranked by (here the baseline's two sets)
+SETTINGS = {"feature": "sum6", "embedding": {"model": "Baseline", "preset": "sum6",
+                                             "weights": [["pool_orig", 1.0], ["bn_orig", 1.0]]}}
+
+
 def test_save_rank_grids_pages(tmp_path):
     paths = write_images(tmp_path, 12)
     split = _Split(paths)
@@ -124,13 +179,24 @@ def test_visualize_ranks_cli_from_saved_features(tmp_path):
     g = torch.Generator().manual_seed(0)
     qf = {"pool_orig": torch.randn(4, 6, generator=g), "bn_orig": torch.randn(4, 6, generator=g)}
     gf = {"pool_orig": torch.randn(8, 6, generator=g), "bn_orig": torch.randn(8, 6, generator=g)}
-    save_features(tmp_path / "feats", split, qf, gf, used, trials, {"feature": "sum6", "image_size": [32, 16]})
+    save_features(tmp_path / "feats", split, qf, gf, used, trials, {"image_size": [32, 16], **SETTINGS})
     out = tmp_path / "vis"
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "visualize_ranks.py"), "--features", str(tmp_path / "feats"),
-         "-k", "3", "--queries", "0,2", "--trial-index", "1", "--plot-cmc", "--out", str(out)],
+         "-k", "3", "--queries", "0,2", "--trial-index", "1", "--feature", "mix", "--plot-cmc", "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert sorted(os.listdir(out)) == ["cmc_sum6.png", "ranks_sum6_top3_page01.png"]
-    grid = Image.open(out / "ranks_sum6_top3_page01.png")
+    assert sorted(os.listdir(out)) == ["cmc_mix.png", "ranks_mix_top3_page01.png"]
+    grid = Image.open(out / "ranks_mix_top3_page01.png")
     assert grid.height > 2 * 32  # two query rows
+
+
+def test_embedding_of_saved_features():
+    assert embedding_of(SETTINGS) == ("sum6", [("pool_orig", 1.0), ("bn_orig", 1.0)])
+    assert embedding_of(SETTINGS, "sum6") == embedding_of(SETTINGS)
+    # another preset of the same model class
+    assert embedding_of(SETTINGS, "mix") == ("mix", [("pool_orig", 0.1), ("bn_orig", 0.9)])
+    with pytest.raises(SystemExit, match="--feature"):
+        embedding_of(SETTINGS, "nope")
+    with pytest.raises(SystemExit, match="records no embedding"):
+        embedding_of({"feature": "sum6"})

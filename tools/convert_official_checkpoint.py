@@ -1,14 +1,15 @@
-"""Convert a checkpoint of the released CMFN code into this project's checkpoint format.
+"""Convert a checkpoint of the released CMFN or IV-REID code into this project's checkpoint format.
 
     python tools/convert_official_checkpoint.py SRC DST --dataset sysu|regdb|llcm [--num-classes N]
+    python tools/convert_official_checkpoint.py SRC DST --method ivreid --dataset sysu|regdb [--fold-conv-bias]
 
 SRC is what the released training scripts saved with ``torch.save``: a dict with the
 state dict under ``net`` (plus values such as epoch, mAP, cmc), or a bare state dict; keys
 may carry a ``module.`` prefix (DataParallel). Its key layout is spec 2.12 (see
 tests/golden/released_state_dict_*.txt). The used tensors are mapped onto this project's
-modules (:func:`model.cmfn.convert_released_state_dict`); the tensors the released model
+modules (:func:`model.cmfn.cmfn.convert_released_state_dict`); the tensors the released model
 never uses are dropped and counted; a key that maps nowhere is an error. DST is written
-with utils.checkpoint (config = configs/<dataset>.yaml, PRETRAINED off) so that
+with engine.checkpoint (config = configs/<dataset>.yaml, PRETRAINED off) so that
 ``model.load_model(DST)`` rebuilds the model.
 
 Loading is ``weights_only=True``. The released scripts also stored numpy values (cmc, mAP),
@@ -16,6 +17,17 @@ which need numpy's array/scalar reconstructors: those few globals (and nothing e
 allowed. A file needing any other global is refused with an explanation; ``--unsafe-load``
 then unpickles it with ``weights_only=False``, which can run arbitrary code from the file:
 use it only for files you trust.
+
+``--method ivreid``: SRC is a ``*_best.pth`` of the IV-REID code, i.e. ``torch.save(model)`` of
+the whole model (zip or legacy format), or a plain state dict. It is read by a restricted
+unpickler that stands in for the three IV-REID classes and refuses every global but torch's
+tensor machinery, torch.nn modules, OrderedDict and set, so nothing in the file can run
+(:mod:`model.ivreid_convert`). DST holds the IV-REID model of the ``ivreid`` preset of
+--dataset (PRETRAINED off), for ``model.load_model(DST)``; the two auxiliary modality
+classifiers, which the IV-REID code never saves, are freshly initialised from the config's
+SEED so that DST loads strictly and can be trained further. ``--fold-conv-bias`` builds the model with
+``MODEL.IVREID.CONV_BIAS False`` and folds each conv bias into the next BN's running mean
+(the same eval-mode function).
 """
 import argparse
 import importlib
@@ -29,11 +41,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import build_model  # noqa: E402
-from model.cmfn import convert_released_state_dict, released_convert_options  # noqa: E402
-from utils.checkpoint import file_sha256, make_checkpoint, save_checkpoint  # noqa: E402
+from model.cmfn.cmfn import convert_released_state_dict, released_convert_options  # noqa: E402
+from engine.checkpoint import file_sha256, make_checkpoint, save_checkpoint  # noqa: E402
+from model.ivreid_convert import convert_reference_state, load_reference_state_dict, reference_num_classes  # noqa: E402
 from utils.config import build_config  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 DATASETS = ("sysu", "regdb", "llcm")
+METHODS = ("cmfn", "ivreid")
+IVREID_DATASETS = ("sysu", "regdb")
 # numpy's pickle reconstructors for arrays and scalars: they rebuild plain numeric data only.
 NUMPY_GLOBALS = {
     "numpy.dtype",
@@ -129,7 +145,7 @@ def convert(src, dst, dataset, num_classes=None, unsafe=False, log=print):
         )
     cfg = build_config(dataset, opts=["MODEL.PRETRAINED", "False"])
     state, dropped, unmapped = convert_released_state_dict(
-        released, cfg.MODEL.MBUE_AFTER, **released_convert_options(cfg)
+        released, cfg.MODEL.CMFN.MBUE_AFTER, **released_convert_options(cfg)
     )
     if unmapped:
         raise ConversionFailed(
@@ -170,19 +186,74 @@ def convert(src, dst, dataset, num_classes=None, unsafe=False, log=print):
     return meta
 
 
+def ivreid_config(dataset, fold_conv_bias=False):
+    """The ivreid preset of `dataset` with ImageNet loading off (the weights come from SRC)."""
+    opts = ["MODEL.PRETRAINED", "False", "MODEL.IVREID.CONV_BIAS", str(not fold_conv_bias)]
+    return build_config(dataset, method="ivreid", opts=opts)
+
+
+def convert_ivreid(src, dst, dataset, num_classes=None, fold_conv_bias=False, log=print):
+    """Convert a saved IV-REID model `src` to `dst`; returns the summary dict also printed through `log`."""
+    if dataset not in IVREID_DATASETS:
+        raise ConversionFailed("--method ivreid: --dataset must be one of %s, got %r"
+                               % (", ".join(IVREID_DATASETS), dataset))
+    try:
+        reference = load_reference_state_dict(src)
+    except UserError as exc:  # the message names the file
+        raise ConversionFailed(str(exc)) from None
+    try:
+        file_classes = reference_num_classes(reference)
+        if num_classes is not None and int(num_classes) != file_classes:
+            raise ConversionFailed("--num-classes %d, but the file has a classifier over %d identities"
+                                   % (num_classes, file_classes))
+        cfg = ivreid_config(dataset, fold_conv_bias)
+        state, info = convert_reference_state(reference, cfg)
+    except (UserError, ConversionFailed) as exc:
+        raise ConversionFailed("%s: %s" % (src, exc)) from None
+    meta = {
+        "converted_from": os.path.basename(src),
+        "source_sha256": file_sha256(src),
+        "released_tensors": len(reference),
+        "mapped_tensors": info["mapped"],
+        "folded_conv_biases": info["folded_conv_biases"],
+        "initialised_tensors": info["initialised"],
+    }
+    save_checkpoint(dst, make_checkpoint(state, cfg, file_classes, meta=meta))
+    log("read %d tensors from %s (IV-REID, %s, %d classes)" % (len(reference), src, dataset, file_classes))
+    log("mapped %d tensors onto the model" % info["mapped"])
+    if info["folded_conv_biases"]:
+        log("folded %d conv biases into the BN running means" % info["folded_conv_biases"])
+    log("initialised %d tensors of the auxiliary modality classifiers (absent from the file)"
+        % len(info["initialised"]))
+    log("wrote %s" % dst)
+    return meta
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint saved by the released code (.t / .pth)")
     parser.add_argument("dst", help="output checkpoint of this project")
+    parser.add_argument("--method", default="cmfn", choices=METHODS, help="code that saved SRC (default cmfn)")
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="configuration the model was trained in")
     parser.add_argument("--num-classes", type=int, help="expected classifier size (checked against SRC)")
     parser.add_argument(
         "--unsafe-load", action="store_true",
         help="unpickle SRC with weights_only=False (runs any code in the file; only for trusted files)",
     )
+    parser.add_argument(
+        "--fold-conv-bias", action="store_true",
+        help="ivreid: a model without conv biases (MODEL.IVREID.CONV_BIAS False), biases folded into the BNs",
+    )
     args = parser.parse_args(argv)
+    if args.method == "ivreid" and args.unsafe_load:
+        parser.error("--unsafe-load applies to --method cmfn; IV-REID files are read by a restricted unpickler")
+    if args.method == "cmfn" and args.fold_conv_bias:
+        parser.error("--fold-conv-bias applies to --method ivreid")
     try:
-        convert(args.src, args.dst, args.dataset, args.num_classes, args.unsafe_load)
+        if args.method == "ivreid":
+            convert_ivreid(args.src, args.dst, args.dataset, args.num_classes, args.fold_conv_bias)
+        else:
+            convert(args.src, args.dst, args.dataset, args.num_classes, args.unsafe_load)
     except ConversionFailed as exc:
         parser.exit(2, "error: %s\n" % exc)
 

@@ -6,9 +6,9 @@ Prints the total and trainable parameters, the parameters of every top-level mod
 backbone split into its stems and stages), and the FLOPs of one eval-mode forward of a
 single visible image at ``INPUT.SIZE_TEST`` (``torch.utils.flop_counter.FlopCounterMode``,
 which counts 1 multiply-accumulate as 2 FLOPs; element-wise ops, norms and softmax are not
-counted). For the released configurations the released code's own parameter total (spec 5)
-is printed beside it: that code instantiates three ResNet-50s and other tensors it never
-uses, which this project does not build.
+counted). For the released configurations the released code's own parameter total (its
+``net.parameters()``, docs/cmfn.md) is printed beside it: that code instantiates three
+ResNet-50s and other tensors it never uses, which this project does not build.
 
 The model is built with ``MODEL.PRETRAINED False``: weights do not change the counts.
 """
@@ -25,19 +25,20 @@ from model import build_model  # noqa: E402
 from utils.config import add_config_arguments, config_from_args  # noqa: E402
 from utils.io import save_json  # noqa: E402
 
-# Training identities of the released datasets (spec training_recipe 3.1).
+# Training identities of the released datasets (SYSU-MM01 train + val ids, RegDB per trial,
+# LLCM's training list).
 NUM_CLASSES = {"sysu": 395, "llcm": 713, "regdb": 206}
-# Spec 5 figures of the released model: its net.parameters() total, how many of those never
-# receive a gradient (not built here), the frozen Haar filter values it lists as parameters
-# (constants here), and its inference GFLOPs. Those FLOPs include the two MBUE context convs
-# (3x3 C->C/4 at the MBUE resolution) whose output the released model discards and which are
-# not built here.
+# Figures of the released model (docs/cmfn.md): its net.parameters() total, how many of
+# those never receive a gradient (not built here), the frozen Haar filter values it lists as
+# parameters (constants here), and its inference GFLOPs per image (SYSU at 384x192, RegDB at
+# 384x144). Those FLOPs include the two MBUE context convs (3x3 C->C/4 at the MBUE
+# resolution) whose output the released model discards and which are not built here.
 RELEASED = {
     "sysu": {"released_total": 131370058, "released_unused": 51987776, "haar_filters": 16384,
-             "spec_gflops": 118.7, "dead_context_gflops": 2 * 2 * 1024 * 256 * 9 * 24 * 12 / 1e9},
+             "released_gflops": 118.7, "dead_context_gflops": 2 * 2 * 1024 * 256 * 9 * 24 * 12 / 1e9},
     "llcm": {"released_total": 132021322, "released_unused": 51987776, "haar_filters": 16384},
     "regdb": {"released_total": 89588298, "released_unused": 64070720, "haar_filters": 8192,
-              "spec_gflops": 71.9, "dead_context_gflops": 2 * 2 * 512 * 128 * 9 * 48 * 18 / 1e9},
+              "released_gflops": 71.9, "dead_context_gflops": 2 * 2 * 512 * 128 * 9 * 48 * 18 / 1e9},
 }
 
 
@@ -92,7 +93,7 @@ def model_info(cfg, num_classes, flops=True):
         "model": cfg.MODEL.NAME,
         "backbone": cfg.MODEL.BACKBONE,
         "dataset": cfg.DATASET.NAME,
-        "mbue_after": cfg.MODEL.MBUE_AFTER,
+        "mbue_after": cfg.MODEL.CMFN.MBUE_AFTER,
         "num_classes": num_classes,
         "feat_dim": model.feat_dim,
         "num_copies": model.num_copies,
@@ -103,7 +104,7 @@ def model_info(cfg, num_classes, flops=True):
         "modules": [{"name": n, "params": t, "trainable": tr} for n, t, tr in module_table(model)],
     }
     released = RELEASED.get(cfg.DATASET.NAME)
-    released_layout = cfg.MODEL.NAME == "cmfn" and cfg.MODEL.BACKBONE == "resnet50" and not any(cfg.MODEL.FIX.values())
+    released_layout = cfg.MODEL.NAME == "cmfn" and cfg.MODEL.BACKBONE == "resnet50" and not any(cfg.MODEL.CMFN.FIX.values())
     if released and released_layout:
         info["released"] = released
     if flops:
@@ -131,7 +132,7 @@ def format_info(info):
     if released:
         used = released["released_total"] - released["released_unused"]
         lines += [
-            "released code (spec 5): {:,} parameters, of which {:,} never receive a gradient (two extra "
+            "released code: {:,} parameters, of which {:,} never receive a gradient (two extra "
             "ResNet-50 bodies, base conv1/bn1, MBUE context convs, compression1{}) and are not built here".format(
                 released["released_total"], released["released_unused"],
                 "; base.layer4 and layer5 on RegDB" if info["dataset"] == "regdb" else ""),
@@ -146,12 +147,12 @@ def format_info(info):
                   % (h, w, info["flops_per_image"] / 1e9)]
         for name, value in info["flops_per_module"].items():
             lines.append("  %-26s %8.2f G" % (name, value / 1e9))
-        if released and "spec_gflops" in released:
+        if released and "released_gflops" in released:
             lines.append(
-                "spec figure: about %.1f GFLOPs per image, of which %.2f G are the released MBUE "
+                "released model: about %.1f GFLOPs per image, of which %.2f G are the released MBUE "
                 "context convs (output discarded, not built here): %.1f G comparable"
-                % (released["spec_gflops"], released["dead_context_gflops"],
-                   released["spec_gflops"] - released["dead_context_gflops"])
+                % (released["released_gflops"], released["dead_context_gflops"],
+                   released["released_gflops"] - released["dead_context_gflops"])
             )
     return "\n".join(lines)
 

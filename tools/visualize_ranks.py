@@ -11,7 +11,7 @@ From a checkpoint (runs test.py with --visrank K, which extracts the features fi
 
 Each PNG page holds up to 8 queries, one per row: the query (blue frame) on the left, then its
 top-K gallery images after the protocol's removal rule, framed green for the query's identity
-and red otherwise, each labelled with rank, identity, modality and camera (utils/plots.py).
+and red otherwise, each labelled with rank, identity, modality and camera (evaluation/plots.py).
 """
 import argparse
 import importlib.util
@@ -22,27 +22,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils.features import FEATURE_CHOICES, distance_from_features, load_features  # noqa: E402
-from utils.plots import plot_cmc, save_rank_grids  # noqa: E402
+from evaluation.embeddings import distance_from_features, load_features  # noqa: E402
+from evaluation.plots import parse_queries, plot_cmc, save_rank_grids  # noqa: E402
 
 
-def _parse_queries(text):
-    text = str(text).strip()
-    if "," in text:
-        return [int(i) for i in text.split(",") if i.strip()]
-    return int(text)
+def embedding_of(settings, feature=None):
+    """(preset name, [(set, weight)]) to rank by: the embedding the features were tested with,
+    or the preset `feature` of the same model class."""
+    embedding = settings.get("embedding")
+    if not embedding:
+        raise SystemExit("error: the folder records no embedding (settings['embedding']); "
+                         "write it again with test.py --save-features")
+    if feature is None or feature == embedding["preset"]:
+        return embedding["preset"], [(name, float(w)) for name, w in embedding["weights"]]
+    from model.registry import MODELS
+
+    classes = [cls for _, cls in MODELS.items() if cls.__name__ == embedding["model"]]
+    if not classes:
+        raise SystemExit("error: the features come from model class %s, which is not registered"
+                         % embedding["model"])
+    try:
+        return feature, classes[0].embedding_weights(feature)
+    except ValueError as exc:
+        raise SystemExit("error: --feature: %s" % exc) from None
 
 
 def from_features(args):
     saved = load_features(args.features)
     meta = saved["split"]
     settings = meta.get("settings", {})
-    feature = args.feature or settings.get("feature", "sum6")
+    feature, weights = embedding_of(settings, args.feature)
     metric = args.distance or settings.get("distance", "cosine")
     if not 0 <= args.trial_index < len(saved["trials"]):
         raise SystemExit("error: --trial-index %d out of range (the folder has %d trials)"
                          % (args.trial_index, len(saved["trials"])))
-    distmat = distance_from_features(saved["query"], saved["gallery"], feature, metric).numpy()
+    distmat = distance_from_features(saved["query"], saved["gallery"], weights, metric).numpy()
     cols = saved["trials"][args.trial_index]
     out = args.out or os.path.join(args.features, "ranks")
     size = settings.get("image_size", [128, 64])
@@ -52,11 +66,11 @@ def from_features(args):
          "modality": meta["query_modality"]},
         {"paths": [meta["gallery_paths"][i] for i in cols], "pids": saved["gallery_pids"][cols],
          "camids": saved["gallery_camids"][cols], "modality": meta["gallery_modality"]},
-        meta["protocol"], out, k=args.topk, queries=_parse_queries(args.queries),
+        meta["protocol"], out, k=args.topk, queries=parse_queries(args.queries),
         image_size=(64, max(1, round(64 * size[0] / size[1]))), prefix="ranks_%s" % feature,
     )
     if args.plot_cmc:
-        from utils.evaluation import evaluate_trials
+        from evaluation.trials import evaluate_trials
 
         result = evaluate_trials(distmat, saved["query_pids"], saved["gallery_pids"], saved["query_camids"],
                                  saved["gallery_camids"], saved["trials"], meta["protocol"])
@@ -88,7 +102,8 @@ def main(argv=None):
     parser.add_argument("-k", "--topk", type=int, default=10, help="gallery images per query")
     parser.add_argument("--queries", default="8", help="a count (spread over the queries) or indices 3,17,42")
     parser.add_argument("--trial-index", type=int, default=0, help="which gallery trial (0-based)")
-    parser.add_argument("--feature", choices=FEATURE_CHOICES, help="default: the one the features were tested with")
+    parser.add_argument("--feature", help="an embedding preset of the model (default: the one the features "
+                        "were tested with)")
     parser.add_argument("--distance", choices=("cosine", "euclidean"))
     parser.add_argument("--plot-cmc", action="store_true", help="also write the CMC curve")
     parser.add_argument("--out", help="output folder (default DIR/ranks, or test.py's location)")

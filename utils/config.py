@@ -1,13 +1,16 @@
 """Configuration: every default of the project, one comment per key.
 
-The defaults reproduce the released CMFN recipe on SYSU-MM01 (spec ``training_recipe.md``).
-Per-dataset YAML files in ``configs/`` override them; a YAML file may name a parent with
-``_BASE_: other.yaml`` (resolved relative to the file), as in fast-reid. On the command line,
-``--dataset NAME`` picks ``configs/NAME.yaml``, ``--config FILE`` any file, and trailing
-``KEY VALUE`` pairs override single keys (``SOLVER.MAX_EPOCHS 2``).
+The defaults reproduce the released CMFN recipe on SYSU-MM01.
+Each method has one preset per dataset, ``configs/<method>/<dataset>.yaml``; a YAML file may
+name a parent with ``_BASE_: other.yaml`` (resolved relative to the file), as in fast-reid. On
+the command line ``--method NAME`` (default cmfn) and ``--dataset NAME`` pick a preset,
+``--config FILE`` any file, and trailing ``KEY VALUE`` pairs override single keys
+(``SOLVER.MAX_EPOCHS 2``). Method-specific keys live in their own nodes (``MODEL.CMFN.*``,
+``LOSS.IVREID.*``); names from before that layout are read through :data:`RENAMES`.
 
-Unknown keys and values of the wrong type raise :class:`ConfigError` naming the source
-(file or command line) and the key. Integers are accepted where a float is expected.
+Unknown keys, values of the wrong type and enumerated values outside their choices (checked
+by :func:`validate_config` when the config is built) raise :class:`ConfigError` naming the
+source (file or command line) and the key. Integers are accepted where a float is expected.
 """
 import argparse
 import ast
@@ -17,17 +20,21 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
+from utils.errors import ConfigError
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(PROJECT_ROOT, "configs")
 
 
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
-
-
 _C = CN()
+# Schema version of this config. Files without it are version 1 (CMFN keys at the root of
+# MODEL and LOSS); their keys are renamed on load (RENAMES).
+_C.CONFIG_VERSION = 2
+# Method preset the run was built from (configs/<METHOD>/<dataset>.yaml): cmfn, ivreid. It
+# names the run directory (runs/<dataset> for cmfn, runs/<METHOD>_<dataset> otherwise).
+_C.METHOD = "cmfn"
 # Run directory: resolved config, log, metrics.jsonl, tensorboard events, checkpoints.
-# Empty means runs/<DATASET.NAME> (plus _trial<N> for RegDB).
+# Empty means runs/[<METHOD>_]<run name of the dataset> (RegDB: regdb_trial<N>).
 _C.OUTPUT_DIR = ""
 # Seed for Python, numpy and torch; the sampler and augmentations derive from it per epoch.
 _C.SEED = 0
@@ -55,7 +62,11 @@ _C.DATASET.DEMO_SEED = 0
 _C.INPUT = CN()
 # Training crop size [H, W] (released: 384x192 SYSU, 384x144 RegDB/LLCM).
 _C.INPUT.SIZE_TRAIN = [384, 192]
-# Test resize [H, W]; the released test.py used 144 px for every dataset (spec 6.12).
+# Test resize [H, W] (the released CMFN test.py resized every dataset to 384x144).
+# Filter of every resize (training arrays, test images): "lanczos" (released CMFN) or
+# "bilinear" (PIL's antialiased bilinear, torchvision's Resize default; released IV-REID).
+# SYSU keeps one set of training arrays per filter.
+_C.INPUT.RESIZE_FILTER = "lanczos"
 _C.INPUT.SIZE_TEST = [384, 192]
 # ImageNet normalisation.
 _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
@@ -84,9 +95,18 @@ _C.INPUT.CHANNEL_EXCHANGE = 0.0
 _C.INPUT.CHANNEL_ERASE = 0.0
 
 _C.DATALOADER = CN()
+# Registered training sampler (data/samplers/registry.py): "cross_modality" (CMFN: P ids x
+# K visible + K infrared drawn with replacement, position-aligned pairs), "balanced" (IV-REID:
+# P ids x K (infrared, visible) pairs without replacement, the epoch ends with the ids), "pk"
+# (single-modality ReID: P ids x K images).
+_C.DATALOADER.SAMPLER = "cross_modality"
+# balanced only: "seeded" (each epoch's order from (SEED, epoch)) or "reference" (the
+# released IV-REID order: one Python/numpy random stream seeded with SEED, continued across
+# epochs).
+_C.DATALOADER.BALANCED_ORDER = "seeded"
 # P: distinct identities per batch.
 _C.DATALOADER.NUM_IDS = 6
-# K: visible and K infrared images per identity per batch (drawn with replacement).
+# K: images per identity and modality per batch.
 _C.DATALOADER.NUM_POS = 4
 # Training DataLoader workers (0 = load in the main process).
 _C.DATALOADER.NUM_WORKERS = 4
@@ -96,7 +116,8 @@ _C.DATALOADER.PIN_MEMORY = True
 _C.DATALOADER.PERSISTENT_WORKERS = True
 
 _C.MODEL = CN()
-# Registered model name: cmfn or baseline.
+# Registered model name (model/registry.py): cmfn, baseline (CMFN without its modules),
+# ivreid.
 _C.MODEL.NAME = "cmfn"
 # resnet50 (released) or resnet18 (fast CPU runs; the other module widths follow).
 _C.MODEL.BACKBONE = "resnet50"
@@ -105,64 +126,112 @@ _C.MODEL.PRETRAINED = True
 # Local ImageNet weight file; empty means the torch hub cache (resnet50-19c8e357.pth /
 # resnet18-5c106cde.pth or the newer names) and otherwise a clear error.
 _C.MODEL.PRETRAIN_PATH = ""
-# Stride of the last ResNet stage (1 as released).
+# Stride of the last ResNet stage (1 as released by every hosted method).
 _C.MODEL.LAST_STRIDE = 1
-# Where MBUE sits: "layer3" (SYSU/LLCM: after MFA3, before layer4) or "layer2" (RegDB: after
-# MFA2, before layer3; no MFA3/layer4, features of half the width).
-_C.MODEL.MBUE_AFTER = "layer3"
+
+# CMFN (and its baseline): where MBUE sits and the MBUE block sizes.
+_C.MODEL.CMFN = CN()
+# "layer3" (SYSU/LLCM: after MFA3, before layer4) or "layer2" (RegDB: after MFA2, before
+# layer3; no MFA3/layer4, features of half the width).
+_C.MODEL.CMFN.MBUE_AFTER = "layer3"
 # Dropout applied to the MBUE output (released 0.01).
-_C.MODEL.DROPOUT = 0.01
+_C.MODEL.CMFN.DROPOUT = 0.01
 # Per-sample DropPath of the GlobalBlocks (released 0.1).
-_C.MODEL.DROP_PATH = 0.1
+_C.MODEL.CMFN.DROP_PATH = 0.1
 # GlobalBlock attention heads, window size and cyclic shift.
-_C.MODEL.NUM_HEADS = 16
-_C.MODEL.WINDOW_SIZE = 8
-_C.MODEL.SHIFT_SIZE = 1
+_C.MODEL.CMFN.NUM_HEADS = 16
+_C.MODEL.CMFN.WINDOW_SIZE = 8
+_C.MODEL.CMFN.SHIFT_SIZE = 1
 # GlobalBlock MLP expansion ratio.
-_C.MODEL.MLP_RATIO = 4.0
-# Corrected variants of the released quirks (spec section 6); all off = the released model.
-_C.MODEL.FIX = CN()
+_C.MODEL.CMFN.MLP_RATIO = 4.0
+# Corrected variants of the released quirks (docs/cmfn.md); all off = the released model.
+_C.MODEL.CMFN.FIX = CN()
 # A proper shifted-window block: attention mask, padding excluded, inverse reshapes.
-_C.MODEL.FIX.SWIN = False
+_C.MODEL.CMFN.FIX.SWIN = False
 # The CSC-CMA context path drawn in the paper figure is active.
-_C.MODEL.FIX.CONTEXT_PATH = False
+_C.MODEL.CMFN.FIX.CONTEXT_PATH = False
 # IRMLP's 3x3 conv is a true depthwise conv.
-_C.MODEL.FIX.DEPTHWISE_IRMLP = False
+_C.MODEL.CMFN.FIX.DEPTHWISE_IRMLP = False
 # MBUE branch 1 uses separate compressions for its local and global inputs.
-_C.MODEL.FIX.SEPARATE_COMPRESSION = False
+_C.MODEL.CMFN.FIX.SEPARATE_COMPRESSION = False
+
+# IV-REID: single-stream ResNet, BNNeck, two auxiliary modality classifiers.
+_C.MODEL.IVREID = CN()
+# Every backbone conv carries a bias, as released (dead in train mode: each conv is followed
+# by a BatchNorm; in eval mode the biases act through the BN running means). False builds
+# bias-free convs (the converter folds released biases into the BN running means).
+_C.MODEL.IVREID.CONV_BIAS = True
+# ReLU after the stem BatchNorm (False as released: the stem goes conv -> BN -> max-pool).
+_C.MODEL.IVREID.STEM_RELU = False
+# Width of the hidden linear layer of each auxiliary modality classifier (released 512).
+_C.MODEL.IVREID.AUX_DIM = 512
+# Learning-rate factor of the two auxiliary classifiers (released: 10 x BASE_LR).
+_C.MODEL.IVREID.AUX_LR_FACTOR = 10.0
 
 _C.LOSS = CN()
+# Registered criterion (loss/registry.py): cmfn (also trains the baseline), ivreid.
+_C.LOSS.NAME = "cmfn"
 # Identity cross-entropy weight and label smoothing (released: 1.0, no smoothing).
 _C.LOSS.ID_WEIGHT = 1.0
 _C.LOSS.LABEL_SMOOTH = 0.0
 # Batch-hard triplet weight and margin.
 _C.LOSS.TRI_WEIGHT = 1.0
 _C.LOSS.TRI_MARGIN = 0.3
+
+# CMFN criterion: CPM, orthogonality and the DCL schedule.
+_C.LOSS.CMFN = CN()
 # CPM weight (lambda_1) and margin.
-_C.LOSS.CPM_WEIGHT = 0.8
-_C.LOSS.CPM_MARGIN = 0.2
+_C.LOSS.CMFN.CPM_WEIGHT = 0.8
+_C.LOSS.CMFN.CPM_MARGIN = 0.2
 # Orthogonality weight (lambda_2).
-_C.LOSS.ORT_WEIGHT = 0.01
+_C.LOSS.CMFN.ORT_WEIGHT = 0.01
 # DCL weight schedule: DCL_WEIGHTS[i] applies from epoch DCL_MILESTONES[i-1] on
 # (released SYSU/LLCM: 0.1 for epochs 0-10, 0.01 for 11-20, 0 from 21).
-_C.LOSS.DCL_WEIGHTS = [0.1, 0.01, 0.0]
-_C.LOSS.DCL_MILESTONES = [11, 21]
+_C.LOSS.CMFN.DCL_WEIGHTS = [0.1, 0.01, 0.0]
+_C.LOSS.CMFN.DCL_MILESTONES = [11, 21]
+
+# IV-REID criterion: per-modality auxiliary CE and the KL between the two auxiliary heads.
+_C.LOSS.IVREID = CN()
+# Weight of the CE of each auxiliary head on its own modality's rows (released 1).
+_C.LOSS.IVREID.AUX_ID_WEIGHT = 1.0
+# Weight of the two KL terms (released 1).
+_C.LOSS.IVREID.KL_WEIGHT = 1.0
+# KL reduction: "batchmean" (released SYSU: sum / rows) or "mean" (released RegDB: sum /
+# (rows x classes), i.e. 1 / num_classes of batchmean).
+_C.LOSS.IVREID.KL_REDUCTION = "batchmean"
+# Feature the triplet loss sees: "feat" (released: the post-BNNeck feature) or "pool" (the
+# pre-BN pooled feature, as in the usual BNNeck recipe).
+_C.LOSS.IVREID.TRI_FEATURE = "feat"
 
 _C.SOLVER = CN()
 # Epochs (released: 151, e = 0..150).
 _C.SOLVER.MAX_EPOCHS = 151
 # Iterations per epoch; 0 = as released, int(N / (P*K)) + 1 with N the larger modality.
 _C.SOLVER.ITERS_PER_EPOCH = 0
-# SGD with momentum and Nesterov, weight decay on every parameter.
+# Registered optimizer (engine/solver.py): "sgd" (CMFN), "adam" (IV-REID), "adamw".
+_C.SOLVER.OPTIMIZER = "sgd"
+# Learning rate of the full-rate parameter groups; each group the model declares scales it by
+# its lr factor.
 _C.SOLVER.BASE_LR = 0.1
+# SGD momentum and Nesterov.
 _C.SOLVER.MOMENTUM = 0.9
 _C.SOLVER.NESTEROV = True
+# Adam / AdamW betas and epsilon.
+_C.SOLVER.BETAS = [0.9, 0.999]
+_C.SOLVER.EPS = 1e-8
+# Weight decay on every trainable parameter (coupled L2 for SGD and Adam, decoupled for AdamW).
 _C.SOLVER.WEIGHT_DECAY = 5e-4
-# Learning-rate factor of everything but the BNNeck and classifier (released 0.1).
+# Learning-rate factor of the backbone groups (CMFN: everything but the BNNeck and the
+# classifier, released 0.1; IV-REID: backbone, BNNeck and classifier, released 1).
 _C.SOLVER.BACKBONE_LR_FACTOR = 0.1
-# "step" (released) or "cosine" (after the same warm-up, down to 0 at MAX_EPOCHS).
+# Registered schedule: "step" (warm-up, then GAMMA at each of STEPS; released CMFN), "cosine"
+# (after the same warm-up, down to 0 at MAX_EPOCHS) or "constant" (after the warm-up).
 _C.SOLVER.SCHEDULER = "step"
-# Linear warm-up epochs: lr * (e + 1) / WARMUP_EPOCHS for e < WARMUP_EPOCHS.
+# When the schedule is evaluated: "epoch" (once at the start of each epoch, as released) or
+# "iteration" (before every step, at the fractional epoch e + i / iterations).
+_C.SOLVER.SCHEDULE_UNIT = "epoch"
+# Linear warm-up epochs: lr * (e + 1) / WARMUP_EPOCHS for e < WARMUP_EPOCHS (per iteration:
+# (t + 1 / iterations) / WARMUP_EPOCHS at fractional epoch t).
 _C.SOLVER.WARMUP_EPOCHS = 10
 # Step schedule: multiply by GAMMA at each of these epochs.
 _C.SOLVER.STEPS = [20, 80]
@@ -197,9 +266,13 @@ _C.TEST = CN()
 _C.TEST.MODE = "all"
 # Retrieval direction, query modality to gallery modality: "ir2vis" or "vis2ir".
 _C.TEST.DIRECTION = "ir2vis"
-# Gallery sampling: "seeded" (released: random.seed(trial), random.choice per (id, cam)) or
-# "official" (SYSU exp/rand_perm_cam.mat).
+# Gallery sampling: "seeded" (released CMFN: random.seed(seed), random.choice per (id, cam),
+# id-major), "official" (SYSU exp/rand_perm_cam.mat) or "seeded_cam_major" (released IV-REID:
+# the same draw, camera-major over cams 1, 2, 4, 5, then ids).
 _C.TEST.GALLERY = "seeded"
+# Seeds of the seeded gallery trials; empty means 0 .. NUM_TRIALS-1 (the common protocol).
+# Released IV-REID: 2019 + 33 i.
+_C.TEST.TRIAL_SEEDS = []
 # Gallery images per (id, camera): 1 (single-shot) or 10 (multi-shot).
 _C.TEST.SHOTS = 1
 # Number of gallery trials (SYSU, LLCM) averaged in the report.
@@ -208,11 +281,14 @@ _C.TEST.NUM_TRIALS = 10
 # "sum" (released, not renormalised) or "mean" (averaged and L2-normalised again, as CAJ).
 _C.TEST.FLIP = True
 _C.TEST.FLIP_MODE = "sum"
-# Embedding used for ranking: "sum6" (released: sum of the 6 similarities), "mix" (0.1 pool +
-# 0.9 BN), "orig" (original copy, pool + BN), "pool" (3 pool), "bn" (3 BN).
-_C.TEST.FEATURE = "sum6"
-# Distance: "cosine" (negative inner product of the normalised features, released) or
-# "euclidean".
+# Embedding preset used for ranking, one of the model's (``embedding_presets``); empty means
+# the model's default. CMFN: "sum6" (released: sum of the 6 similarities, its default), "mix"
+# (0.1 pool + 0.9 BN), "orig" (original copy, pool + BN), "pool" (3 pool), "bn" (3 BN).
+# IV-REID: "bn" (post-BNNeck, default) or "pool".
+_C.TEST.FEATURE = ""
+# Distance: "cosine" (negative inner product of the normalised features, released CMFN),
+# "euclidean" or "sqeuclidean" (its square; released IV-REID, the same ranking as cosine on
+# unit features).
 _C.TEST.DISTANCE = "cosine"
 # k-reciprocal re-ranking (off as released) and its parameters.
 _C.TEST.RERANK = False
@@ -237,9 +313,61 @@ def get_default_config():
     return _C.clone()
 
 
+# Version-1 key -> version-2 key. Version 1 (before the multi-method layout) kept the CMFN
+# keys at the root of MODEL and LOSS; files, overrides and checkpoints that use those names
+# are read through this table.
+RENAMES = {
+    **{"MODEL." + k: "MODEL.CMFN." + k for k in (
+        "MBUE_AFTER", "DROPOUT", "DROP_PATH", "NUM_HEADS", "WINDOW_SIZE", "SHIFT_SIZE", "MLP_RATIO",
+        "FIX.SWIN", "FIX.CONTEXT_PATH", "FIX.DEPTHWISE_IRMLP", "FIX.SEPARATE_COMPRESSION")},
+    **{"LOSS." + k: "LOSS.CMFN." + k for k in (
+        "CPM_WEIGHT", "CPM_MARGIN", "ORT_WEIGHT", "DCL_WEIGHTS", "DCL_MILESTONES")},
+}
+_RENAMED_NODES = {"MODEL.FIX": "MODEL.CMFN.FIX"}
+
+# Keys whose value must be one of a fixed set; the registered parts (MODEL.NAME, LOSS.NAME,
+# DATASET.NAME, DATALOADER.SAMPLER, SOLVER.OPTIMIZER, SOLVER.SCHEDULER) and TEST.FEATURE (the
+# model's presets) are checked against their registries by :func:`validate_config`.
+CHOICES = {
+    "INPUT.RESIZE_FILTER": ("lanczos", "bilinear"),
+    "MODEL.BACKBONE": ("resnet50", "resnet18"),
+    "MODEL.LAST_STRIDE": (1, 2),
+    "MODEL.CMFN.MBUE_AFTER": ("layer3", "layer2"),
+    "LOSS.IVREID.KL_REDUCTION": ("batchmean", "mean"),
+    "LOSS.IVREID.TRI_FEATURE": ("feat", "pool"),
+    "DATALOADER.BALANCED_ORDER": ("seeded", "reference"),
+    "SOLVER.SCHEDULE_UNIT": ("epoch", "iteration"),
+    "SOLVER.AMP": ("none", "bf16", "fp16"),
+    "SOLVER.COMPILE_BACKEND": ("inductor", "aot_eager"),
+    "SOLVER.BEST_METRIC": ("rank1", "mAP", "mINP"),
+    "SOLVER.SELECT_BY": ("test", "val", "last"),
+    "TEST.MODE": ("all", "indoor"),
+    "TEST.DIRECTION": ("ir2vis", "vis2ir"),
+    "TEST.GALLERY": ("seeded", "official", "seeded_cam_major"),
+    "TEST.FLIP_MODE": ("sum", "mean"),
+    "TEST.DISTANCE": ("cosine", "euclidean", "sqeuclidean"),
+    "TEST.RERANK_EXPANSION": ("released", "paper"),
+    "TEST.AMP": ("none", "bf16"),
+}
+
+
 def _suggest(key, choices):
     close = difflib.get_close_matches(key, choices, n=1)
     return " (did you mean %s?)" % close[0] if close else ""
+
+
+def _renamed(full_key):
+    """The current name of a (possibly version-1) flattened key or node."""
+    if full_key in RENAMES:
+        return RENAMES[full_key]
+    return _RENAMED_NODES.get(full_key, full_key)
+
+
+def _lookup(cfg, full_key):
+    node = cfg
+    for part in full_key.split("."):
+        node = node[part]
+    return node
 
 
 def _coerce(value, default, full_key, source):
@@ -267,19 +395,40 @@ def _coerce(value, default, full_key, source):
     )
 
 
+def _flatten_data(data, prefix=""):
+    """[(full key, value)] of a nested mapping; a version-1 node is renamed as a whole."""
+    out = []
+    for key, value in data.items():
+        full_key = _renamed(prefix + str(key))
+        if isinstance(value, dict) and value:
+            out += _flatten_data(value, full_key + ".")
+        else:
+            out.append((full_key, value))
+    return out
+
+
+def _set(cfg, full_key, value, source):
+    node, parts = cfg, full_key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], CN):
+            raise ConfigError("%s: unknown config key %s%s" % (
+                source, full_key, _suggest(part, [k for k in node.keys() if isinstance(node[k], CN)])))
+        node = node[part]
+    leaf = parts[-1]
+    if leaf not in node:
+        raise ConfigError("%s: unknown config key %s%s" % (source, full_key, _suggest(leaf, list(node.keys()))))
+    if isinstance(node[leaf], CN):
+        if isinstance(value, dict):  # an empty mapping
+            return
+        raise ConfigError("%s: %s is a group of keys, not a value (got %r)" % (source, full_key, value))
+    node[leaf] = _coerce(value, node[leaf], full_key, source)
+
+
 def _merge_dict(cfg, data, source, prefix=""):
     if not isinstance(data, dict):
         raise ConfigError("%s: expected a mapping at %s, got %r" % (source, prefix or "top level", data))
-    for key, value in data.items():
-        full_key = prefix + key
-        if key not in cfg:
-            raise ConfigError(
-                "%s: unknown config key %s%s" % (source, full_key, _suggest(key, list(cfg.keys())))
-            )
-        if isinstance(cfg[key], CN):
-            _merge_dict(cfg[key], value, source, full_key + ".")
-        else:
-            cfg[key] = _coerce(value, cfg[key], full_key, source)
+    for full_key, value in _flatten_data(data, prefix):
+        _set(cfg, full_key, value, source)
 
 
 def merge_from_file(cfg, path, _seen=()):
@@ -294,6 +443,8 @@ def merge_from_file(cfg, path, _seen=()):
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError("%s: not valid YAML: %s" % (path, exc)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("%s: expected a mapping at top level, got %r" % (path, data))
     base = data.pop("_BASE_", None)
     if base:
         merge_from_file(cfg, os.path.join(os.path.dirname(path), base), _seen + (path,))
@@ -313,76 +464,143 @@ def merge_from_list(cfg, opts, source="command line"):
     if len(opts) % 2:
         raise ConfigError("%s: overrides must be KEY VALUE pairs, got %r" % (source, opts))
     for full_key, text in zip(opts[0::2], opts[1::2]):
-        node, parts = cfg, full_key.split(".")
-        for part in parts[:-1]:
-            if part not in node or not isinstance(node[part], CN):
-                raise ConfigError("%s: unknown config key %s" % (source, full_key))
-            node = node[part]
-        leaf = parts[-1]
-        if leaf not in node or isinstance(node[leaf], CN):
-            raise ConfigError(
-                "%s: unknown config key %s%s" % (source, full_key, _suggest(leaf, list(node.keys())))
-            )
+        full_key = _renamed(full_key)
         value = _parse_value(text)
-        if isinstance(node[leaf], str) and not isinstance(value, str):
+        try:
+            default = _lookup(cfg, full_key)
+        except (KeyError, TypeError):
+            default = None
+        if isinstance(default, str) and not isinstance(value, str):
             value = text
-        node[leaf] = _coerce(value, node[leaf], full_key, source)
+        _set(cfg, full_key, value, source)
     return cfg
 
 
-def dataset_config_path(name):
-    """configs/<name>.yaml, or a ConfigError listing the available names."""
-    path = os.path.join(CONFIG_DIR, name + ".yaml")
+def is_config_key(token):
+    """True when `token` names a config key (version-1 names included)."""
+    try:
+        _lookup(_C, _renamed(token))
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def method_names():
+    """The method presets: sub-folders of configs/."""
+    return sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d)))
+
+
+def preset_path(method, dataset):
+    """configs/<method>/<dataset>.yaml, or a ConfigError listing what exists."""
+    methods = method_names()
+    if method not in methods:
+        raise ConfigError("no method %r (expected a folder %s); available: %s"
+                          % (method, os.path.join(CONFIG_DIR, str(method)), ", ".join(methods)))
+    folder = os.path.join(CONFIG_DIR, method)
+    path = os.path.join(folder, dataset + ".yaml")
     if not os.path.isfile(path):
-        names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
-        raise ConfigError("no config for dataset %r (expected %s); available: %s" % (name, path, ", ".join(names)))
+        names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml") and not f.startswith("_"))
+        raise ConfigError("method %s has no config for dataset %r (expected %s); available: %s"
+                          % (method, dataset, path, ", ".join(names)))
     return path
 
 
 def add_config_arguments(parser):
     """The config options shared by train.py, test.py and the tools."""
-    parser.add_argument("--dataset", help="use configs/DATASET.yaml (sysu, regdb, llcm, demo)")
-    parser.add_argument("--config", help="a YAML config file (merged after --dataset)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, e.g. SOLVER.MAX_EPOCHS 2")
+    parser.add_argument("--method", help="method preset: configs/METHOD/DATASET.yaml (%s; default cmfn)"
+                        % ", ".join(method_names()))
+    parser.add_argument("--dataset", help="dataset of the preset (sysu, regdb, llcm, demo, ...)")
+    parser.add_argument("--config", help="a YAML config file (merged after --method/--dataset)")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. SOLVER.MAX_EPOCHS 2")
     return parser
 
 
-def build_config(dataset=None, config_file=None, opts=(), freeze=True):
-    """Defaults <- configs/<dataset>.yaml <- config_file <- opts."""
+def validate_config(cfg, check_feature=True):
+    """Check every enumerated value, so a bad one fails at start-up and not after an epoch.
+
+    ``check_feature=False`` leaves TEST.FEATURE to be checked against a model loaded later
+    (test.py takes the model from the checkpoint, not from MODEL.NAME).
+    """
+    for key, choices in CHOICES.items():
+        value = _lookup(cfg, key)
+        if value not in choices:
+            raise ConfigError("%s must be one of %s, got %r" % (key, ", ".join(map(str, choices)), value))
+    for key in ("TEST.SHOTS", "TEST.NUM_TRIALS", "TEST.BATCH_SIZE", "TEST.MAX_RANK", "DATALOADER.NUM_IDS",
+                "DATALOADER.NUM_POS"):
+        if _lookup(cfg, key) < 1:
+            raise ConfigError("%s must be >= 1, got %r" % (key, _lookup(cfg, key)))
+    from data.registry import DATASETS
+    from data.samplers.registry import SAMPLERS
+    from engine.solver import OPTIMIZERS, SCHEDULES
+    from loss.registry import CRITERIA
+    from model.registry import MODELS
+
+    DATASETS.get(cfg.DATASET.NAME)
+    SAMPLERS.get(cfg.DATALOADER.SAMPLER)
+    OPTIMIZERS.get(cfg.SOLVER.OPTIMIZER)
+    SCHEDULES.get(cfg.SOLVER.SCHEDULER)
+    CRITERIA.get(cfg.LOSS.NAME)
+    model = MODELS.get(cfg.MODEL.NAME)
+    if check_feature and cfg.TEST.FEATURE and cfg.TEST.FEATURE not in model.embedding_presets:
+        raise ConfigError("TEST.FEATURE %r is not an embedding of the %s model (known: %s; empty = its default %s)"
+                          % (cfg.TEST.FEATURE, cfg.MODEL.NAME, ", ".join(model.embedding_presets),
+                             model.default_embedding))
+    return cfg
+
+
+def build_config(dataset=None, config_file=None, opts=(), freeze=True, method=None, validate=True,
+                 check_feature=True):
+    """Defaults <- configs/<method>/<dataset>.yaml <- config_file <- opts, validated."""
     cfg = get_default_config()
-    if dataset:
-        merge_from_file(cfg, dataset_config_path(dataset))
+    if dataset or method:
+        merge_from_file(cfg, preset_path(method or "cmfn", dataset or "sysu"))
     if config_file:
         merge_from_file(cfg, config_file)
     merge_from_list(cfg, list(opts))
+    if validate:
+        validate_config(cfg, check_feature)
     if freeze:
         cfg.freeze()
     return cfg
 
 
-def config_from_args(args, extra_opts=(), freeze=True):
+def config_from_args(args, extra_opts=(), freeze=True, check_feature=True):
     """Build the config from parsed :func:`add_config_arguments` options.
 
     `extra_opts` (KEY VALUE pairs from script-specific flags such as ``--mode``) are applied
-    before the trailing command-line overrides.
+    before the trailing command-line overrides. Without --config, --method defaults to cmfn
+    and --dataset to sysu.
     """
-    if not args.dataset and not args.config:
-        args.dataset = "sysu"
-    return build_config(args.dataset, args.config, list(extra_opts) + list(args.opts or []), freeze)
+    method, dataset = getattr(args, "method", None), args.dataset
+    if not args.config and not dataset:
+        dataset = "sysu"
+    if dataset and not method:
+        method = "cmfn"
+    return build_config(dataset, args.config, list(extra_opts) + list(args.opts or []), freeze, method=method,
+                        check_feature=check_feature)
 
 
 def config_from_string(text, source="checkpoint"):
-    """Rebuild a config from the YAML text stored in a checkpoint or run directory."""
+    """Rebuild a config from the YAML text stored in a checkpoint or run directory.
+
+    Version-1 texts are read through RENAMES; the result is not validated (the caller
+    decides what a stored config must satisfy).
+    """
     cfg = get_default_config()
-    _merge_dict(cfg, yaml.safe_load(text) or {}, source)
+    data = yaml.safe_load(text) or {}
+    if isinstance(data, dict) and "CONFIG_VERSION" not in data:
+        data["CONFIG_VERSION"] = _C.CONFIG_VERSION
+    _merge_dict(cfg, data, source)
     return cfg
 
 
 def default_output_dir(cfg):
-    """runs/<dataset>[_trial<N>] when OUTPUT_DIR is empty."""
+    """runs/[<METHOD>_]<the dataset's run name> when OUTPUT_DIR is empty."""
     if cfg.OUTPUT_DIR:
         return cfg.OUTPUT_DIR
-    name = cfg.DATASET.NAME
-    if name == "regdb":
-        name += "_trial%d" % cfg.DATASET.TRIAL
+    from data.registry import DATASETS
+
+    name = DATASETS.get(cfg.DATASET.NAME).run_name(cfg)
+    if cfg.METHOD != "cmfn":
+        name = "%s_%s" % (cfg.METHOD, name)
     return os.path.join("runs", name)

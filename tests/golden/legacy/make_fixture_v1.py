@@ -1,27 +1,14 @@
-"""Record checkpoints written by the code before the multi-system change (config v1)."""
-import math, zlib, torch
+"""Record checkpoints written by the code before the multi-method layout (config version 1).
+
+Run once, from tests/ with the repository root on PYTHONPATH, at the commit before that
+change (``git log`` names it: "Fixture: checkpoints and eval features written by the
+pre-change (config v1) code"); kept as the record of how tests/golden/legacy/ was made.
+"""
+import torch
+from legacy_rule import images, rule
 from utils.config import build_config
 from model import build_model
 from utils.checkpoint import make_checkpoint, save_checkpoint
-
-def rule(name, shape, dtype):
-    if dtype == torch.int64:
-        return torch.zeros(shape, dtype=dtype)
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode("ascii")))
-    u = torch.rand(shape, generator=g)
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "weight" and len(shape) >= 2:
-        fan_in = math.prod(shape[1:])
-        w = (u * 2.0 - 1.0) * math.sqrt(3.0 / fan_in)
-        # the MFA non-local attentions have no softmax: keep their products moderate
-        return w * 0.05 if "_nl." in name else w
-    if leaf in ("weight", "running_var"):
-        return u + 0.5
-    return (u * 2.0 - 1.0) * 0.1
-
-def images(name, n=4, h=64, w=32):
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode("ascii")))
-    return (torch.rand((n, 3, h, w), generator=g) * 2.0 - 1.0) * 2.0
 
 torch.set_num_threads(1)
 out = {}

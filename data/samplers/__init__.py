@@ -1,0 +1,1 @@
+"""Training samplers (one module each)."""

@@ -1,0 +1,1 @@
+"""The run machinery: checkpoints, solver, run directory, distributed helpers, seeding and AMP."""
