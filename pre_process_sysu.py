@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from data.errors import DatasetError
+from utils.errors import run_cli
 from data.image_io import RESAMPLE
 from data.datasets.sysu import DEFAULT_SIZE, preprocess_sysu
 from utils.config import build_config
@@ -27,13 +27,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: all CPUs)")
     parser.add_argument("--force", action="store_true", help="rewrite the arrays even when up to date")
     args = parser.parse_args(argv)
-    root = args.root or build_config("sysu").DATASET.ROOT
-    try:
-        summary = preprocess_sysu(root, tuple(args.size), workers=args.workers, force=args.force,
-                                  resample=args.filter)
-    except DatasetError as exc:
-        print("error: %s" % exc, file=sys.stderr)
-        return 2
+    root = args.root or build_config("sysu", validate=False).DATASET.ROOT
+    summary = preprocess_sysu(root, tuple(args.size), workers=args.workers, force=args.force, resample=args.filter)
     if summary["skipped"]:
         print("up to date: %s (%d RGB / %d IR images, %d ids, %dx%d)" % (
             root, summary["num_rgb"], summary["num_ir"], summary["num_ids"], *summary["size"]))
@@ -42,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

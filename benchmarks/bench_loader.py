@@ -49,12 +49,11 @@ def _time_loader(cfg, batches):
     start = time.perf_counter()
     n = 0
     for _ in range(batches):
-        v, i, _, _ = next(it)
-        n += v.shape[0] + i.shape[0]
+        n += next(it)["images"].shape[0]
     elapsed = time.perf_counter() - start
     del it, loader
     return {"images_per_s": round(n / elapsed, 1), "first_batch_s": round(first, 3), "images": n,
-            "train_images": int(len(train_set.rgb_labels) + len(train_set.ir_labels))}
+            "train_images": int(len(train_set))}
 
 
 def _baseline_preprocess(root, size):

@@ -66,15 +66,16 @@ def bench_one(model, device, bf16, channels_last, args):
     def images(n):
         return torch.randn(n, 3, height, width, generator=gen).to(device=device, memory_format=memory_format)
 
-    x_vis, x_ir = images(args.batch), images(args.batch)
+    x_train = images(2 * args.batch)
+    modality = torch.cat([torch.zeros(args.batch), torch.ones(args.batch)]).long().to(device)
     labels = torch.randint(0, NUM_CLASSES, (2 * args.batch,), generator=gen).to(device)
     x_eval = images(args.eval_batch)
 
     def train_step():
         with _autocast(device, bf16):
-            pool, logits, loss_ort = model(x_vis, x_ir)
-            target = labels.repeat(model.num_copies)
-            loss = F.cross_entropy(logits.float(), target) + 0.01 * loss_ort.float()
+            out = model(x_train, modality)
+            target = labels.repeat(out["logits"].shape[0] // labels.shape[0])
+            loss = F.cross_entropy(out["logits"].float(), target) + 0.01 * out["ort"].float()
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -33,6 +33,7 @@ if ROOT not in sys.path:
 
 from utils.config import build_config  # noqa: E402
 from evaluation.embeddings import distance_from_features, extract_features, used_gallery_columns  # noqa: E402
+from model.cmfn.cmfn import CMFN  # noqa: E402
 
 
 class RandomImages(Dataset):
@@ -127,14 +128,14 @@ def bench_metric(args):
     rng = np.random.default_rng(0)
     split = sysu_like_split(rng)
     used, trials = used_gallery_columns(split)
-    names = ("pool_orig", "bn_orig", "pool_br1", "bn_br1", "pool_br2", "bn_br2")
+    names = CMFN.embedding_sets
     centres = {n: torch.from_numpy(rng.standard_normal((96, args.dim)).astype(np.float32)) for n in names}
     qf = synthetic_features(rng, split.query.pids, centres, args.noise)
     gf = synthetic_features(rng, split.gallery.pids[used], centres, args.noise)
     gp, gc = split.gallery.pids[used], split.gallery.camids[used]
 
     t0 = time.perf_counter()
-    distmat = distance_from_features(qf, gf, "sum6", "cosine")
+    distmat = distance_from_features(qf, gf, CMFN.embedding_weights("sum6"), "cosine")
     t1 = time.perf_counter()
     result = evaluate_trials(distmat, split.query.pids, gp, split.query.camids, gc, trials, "sysu")
     t2 = time.perf_counter()

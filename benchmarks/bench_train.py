@@ -76,7 +76,8 @@ def prepare_data(root, size_hw):
 
 def bench_mode(cfg, device, amp_mode, channels_last, warmup, iters):
     from data import build_train_loader
-    from loss import build_loss
+    from engine.loop import to_device
+    from loss import build_criterion
     from model import build_model
     from engine.solver import build_optimizer, build_scheduler
 
@@ -86,9 +87,9 @@ def bench_mode(cfg, device, amp_mode, channels_last, warmup, iters):
     model = build_model(cfg, train_set.num_classes).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
-    criterion = build_loss(cfg)
+    criterion = build_criterion(cfg)
     optimizer = build_optimizer(cfg, model)
-    build_scheduler(cfg, optimizer).step(10)
+    build_scheduler(cfg, optimizer, len(loader)).step(10)
     amp = MixedPrecision(amp_mode, device.type)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = iter(loader)
@@ -96,14 +97,11 @@ def bench_mode(cfg, device, amp_mode, channels_last, warmup, iters):
     for step in range(warmup + iters):
         sync()
         start = time.perf_counter()
-        img_v, img_i, label_v, label_i = next(batches)
-        img_v = img_v.to(device, non_blocking=True, memory_format=memory_format)
-        img_i = img_i.to(device, non_blocking=True, memory_format=memory_format)
-        label_v, label_i = label_v.to(device), label_i.to(device)
+        batch = to_device(next(batches), device, memory_format)
         data_s = time.perf_counter() - start
         with amp.autocast():
-            feat, logits, loss_ort = model(img_v, img_i)
-        total, terms = criterion(feat, logits, loss_ort, label_v, label_i, 10)
+            outputs = model(batch["images"], batch["modality"], batch["camids"])
+        total, terms, _ = criterion(outputs, batch, 10)
         optimizer.zero_grad(set_to_none=True)
         amp.scaler.scale(total).backward()
         amp.scaler.step(optimizer)
@@ -112,7 +110,7 @@ def bench_mode(cfg, device, amp_mode, channels_last, warmup, iters):
         if step >= warmup:
             step_times.append(time.perf_counter() - start)
             data_times.append(data_s)
-            images += img_v.shape[0] + img_i.shape[0]
+            images += batch["images"].shape[0]
             loss = terms["total"]
     seconds = sum(step_times)
     return {

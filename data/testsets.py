@@ -1,8 +1,8 @@
 """Test and validation splits: query and gallery image lists plus the per-trial gallery subsets.
 
 A :class:`TestSplit` lists every gallery candidate once; each trial is an int64 array of
-indices into that list (spec ``datasets_and_protocols.md`` 3.1, 3.4, 4 and 5: features are
-extracted once and a trial is a column subset of one similarity matrix).
+indices into that list (features are extracted once and a trial is a column subset of one
+similarity matrix).
 
 Gallery sampling rules (SYSU-MM01 and LLCM, per (identity, camera) group, groups walked in
 sorted-id order and the dataset's camera order, files in sorted order):
@@ -199,7 +199,7 @@ def official_trials(groups, trials, shots, mat_path):
 
 
 def build_test_split(cfg, trial=None):
-    """The test split of cfg.DATASET.NAME (see the module docstring and CONTRACTS TestSplit).
+    """The test split of cfg.DATASET.NAME (see the module docstring and :class:`TestSplit`).
 
     SYSU/LLCM: `trial` = one gallery trial (its seed), None = the trials of TEST.TRIAL_SEEDS
     (empty: 0..TEST.NUM_TRIALS-1).

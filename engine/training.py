@@ -1,5 +1,5 @@
 """Safeguards of the training loop: reproducible randomness, mixed precision, a finite-loss
-guard and a graceful stop on SIGINT / SIGTERM (spec ``training_recipe.md`` 3.5).
+guard and a graceful stop on SIGINT / SIGTERM.
 
 Randomness. Every epoch starts by reseeding Python ``random``, numpy and torch (CPU and all
 CUDA devices) from :func:`derive_seed` ``(SEED, epoch, rank)``. The sampler and the loader's

@@ -56,3 +56,17 @@ def tiny_demo_cfg(tmp_path_factory):
     ])
     ensure_demo_dataset(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory):
+    """The root of the demo dataset of tests/tiny_train.py (10 + 6 ids, arrays at 64x32),
+    generated once for the session; the train.py tests pass it as DATASET.ROOT."""
+    from data.datasets.demo import ensure_demo_dataset
+    from tiny_train import BASE
+    from utils.config import build_config
+
+    root = str(tmp_path_factory.mktemp("tiny_demo") / "demo")
+    keys = ("DATASET.DEMO_TRAIN_IDS", "DATASET.DEMO_TEST_IDS", "INPUT.SIZE_TRAIN")
+    ensure_demo_dataset(build_config("demo", opts=["DATASET.ROOT", root] + [str(x) for k in keys for x in (k, BASE[k])]))
+    return root

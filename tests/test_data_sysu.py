@@ -85,12 +85,21 @@ def test_script(sysu_copy, capsys):
     assert np.load(os.path.join(sysu_copy, ARRAYS["ir_img"])).shape[1:] == (40, 20, 3)
     assert pre_process_sysu.main(["--root", sysu_copy, "--size", "20", "40"]) == 0
     assert "up to date" in capsys.readouterr().out
-    assert pre_process_sysu.main(["--root", sysu_copy + "_missing"]) == 2
-    assert "SYSU-MM01 root not found" in capsys.readouterr().err
-    # The script runs standalone (without importing torch) with the sysu config's default root.
-    out = subprocess.run([sys.executable, os.path.join(PROJECT_ROOT, "pre_process_sysu.py"), "--size", "20", "40"],
-                         capture_output=True, text=True, cwd=os.path.dirname(sysu_copy))
-    assert out.returncode == 2 and os.path.join("datasets", "SYSU-MM01") in out.stderr
+    with pytest.raises(DatasetError, match="SYSU-MM01 root not found"):
+        pre_process_sysu.main(["--root", sysu_copy + "_missing"])
+    # The script runs standalone with the sysu config's default root, without importing torch;
+    # a missing root is one error line and exit status 1.
+    script = os.path.join(PROJECT_ROOT, "pre_process_sysu.py")
+    out = subprocess.run([sys.executable, script, "--size", "20", "40"], capture_output=True, text=True,
+                         cwd=os.path.dirname(sysu_copy))
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+    assert os.path.join("datasets", "SYSU-MM01") in out.stderr
+    probe = ("import runpy, sys; sys.argv = ['pre_process_sysu.py', '--size', '20', '40']\n"
+             "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules)" % script)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=os.path.dirname(sysu_copy),
+                         env=dict(os.environ, PYTHONPATH=PROJECT_ROOT))
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_train_set_from_arrays(synthetic_root):

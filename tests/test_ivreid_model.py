@@ -15,14 +15,13 @@ The golden files were made at 1 intra-op thread; the tolerances are those the RE
 recommends for each quantity.
 """
 import math
-import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ivreid_golden import GOLDEN, digest, golden, rule_images, rule_reference_state, torch_threads
 from model.backbones.single_stream import SingleStreamResNet, add_conv_biases
 from model.heads import BNNeckHead
 from model.ivreid import IVReID, ModalityClassifier
@@ -33,20 +32,13 @@ from utils.config import get_default_config, merge_from_list
 from utils.errors import ConfigError
 from torchvision.models.resnet import Bottleneck, conv1x1
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "ivreid"
 RTOL, ATOL = 1e-5, 2e-5
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def golden(name):
-    return torch.load(GOLDEN / name, weights_only=True)
+    with torch_threads(1):
+        yield
 
 
 def close(mine, theirs, rtol=RTOL, atol=ATOL):
@@ -135,41 +127,10 @@ def test_aux_heads_match_reference():
 
 # --- the full model -----------------------------------------------------------------------
 
-def rule_generator(name):
-    return torch.Generator().manual_seed(zlib.crc32(name.encode("ascii")))
-
-
-def rule_tensor(name, shape):
-    if name.endswith("num_batches_tracked"):
-        return torch.tensor(0)
-    u = torch.rand(shape, generator=rule_generator(name))
-    if name.endswith("weight") and len(shape) >= 2:
-        return (u * 2.0 - 1.0) * math.sqrt(3.0 / math.prod(shape[1:]))
-    if name.endswith("weight") or name.endswith("running_var"):
-        return u + 0.5
-    assert name.endswith(("bias", "running_mean")), name
-    return (u * 2.0 - 1.0) * 0.1
-
-
-def rule_images(n=8, h=384, w=128):
-    x = (torch.rand((n, 3, h, w), generator=rule_generator("input")) * 2.0 - 1.0) * 2.0
-    x = x * (torch.rand((n, 1, 1, 1), generator=rule_generator("input_scale")) + 0.25)
-    return x + (torch.rand((n, 3, 1, 1), generator=rule_generator("input_shift")) * 2.0 - 1.0)
-
-
-def digest(tensors):
-    values = [t.double().flatten() for t in tensors]
-    stats = torch.stack([torch.stack([v.sum(), v.abs().sum(), (v * v).sum()]) for v in values])
-    head = torch.stack([F.pad(v[:8], (0, 8 - v[:8].numel()), value=math.nan) for v in values])
-    return stats, head
-
-
 @pytest.fixture(scope="module")
 def forward_case():
     case = golden("model_forward.pt")
-    reference = {k: rule_tensor(k, shape) for k, shape, _ in case["state_dict_keys"]}
-    reference.update({"ide_net." + k: rule_tensor("ide_net." + k, shape)
-                      for k, shape, _ in case["aux_state_dict_keys"]})
+    reference = rule_reference_state(case["state_dict_keys"], case["aux_state_dict_keys"])
     images = rule_images()
     mapped, folded = map_reference_state_dict(reference)
     assert folded == 0

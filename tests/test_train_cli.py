@@ -43,6 +43,18 @@ def test_train_regdb_sh_runs_every_trial(tmp_path):
         assert cfg.DATASET.TRIAL == t and cfg.OUTPUT_DIR == os.path.join("runs", "regdb_trial%d" % t)
 
 
+def test_train_regdb_sh_with_a_method(tmp_path):
+    result, lines = _run_script(tmp_path, ["--method", "ivreid"], TRIALS="1 2")
+    assert result.returncode == 0, result.stderr
+    for t, line in enumerate(lines, 1):
+        cfg, _, _, _ = resolve_run_config(train.parse_args(line.split()[1:]))
+        assert (cfg.METHOD, cfg.MODEL.NAME, cfg.DATASET.TRIAL) == ("ivreid", "ivreid", t)
+        assert cfg.OUTPUT_DIR == os.path.join("runs", "ivreid_regdb_trial%d" % t)
+    (tmp_path / "calls.txt").unlink()
+    result, lines = _run_script(tmp_path, ["--method", "ivreid"], TRIALS="4", OUTPUT_ROOT="/x/runs")
+    assert lines[0].split()[-2:] == ["OUTPUT_DIR", "/x/runs/ivreid_regdb_trial4"]
+
+
 def test_train_regdb_sh_output_root_trials_and_failures(tmp_path):
     result, lines = _run_script(tmp_path, ["--resume"], TRIALS="2 3", OUTPUT_ROOT="/x/runs")
     assert result.returncode == 0, result.stderr
@@ -68,8 +80,8 @@ def test_help_lists_the_options():
 
 
 @pytest.mark.slow
-def test_select_by_val(tmp_path_factory):
-    data_root = str(tmp_path_factory.getbasetemp() / "demo_tiny")
+def test_select_by_val(tmp_path_factory, tiny_demo_root):
+    data_root = tiny_demo_root
     out = str(tmp_path_factory.mktemp("val") / "run")
     opts = {
         "OUTPUT_DIR": out, "DATASET.ROOT": data_root, "DATASET.VAL_IDS": 3,
@@ -94,10 +106,10 @@ def test_select_by_val(tmp_path_factory):
     assert load_checkpoint(os.path.join(out, "last.pth"))["epoch"] == 1
 
 
-def test_demo_command_line_smoke(tmp_path_factory):
+def test_demo_command_line_smoke(tmp_path_factory, tiny_demo_root):
     """`python train.py --dataset demo` as documented, shortened to 2 steps on a smaller demo
     dataset (the full demo run is measured for the README, not here)."""
-    data_root = str(tmp_path_factory.getbasetemp() / "demo_tiny")
+    data_root = tiny_demo_root
     out = str(tmp_path_factory.mktemp("demo") / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "demo", "OUTPUT_DIR", out,
            "DATASET.ROOT", data_root, "DATASET.DEMO_TRAIN_IDS", "10", "DATASET.DEMO_TEST_IDS", "6",

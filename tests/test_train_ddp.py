@@ -12,8 +12,8 @@ from tiny_train import tiny_opts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_torchrun_two_processes_gloo(tmp_path_factory):
-    data_root = str(tmp_path_factory.getbasetemp() / "demo_tiny")
+def test_torchrun_two_processes_gloo(tmp_path_factory, tiny_demo_root):
+    data_root = tiny_demo_root
     out = str(tmp_path_factory.mktemp("ddp") / "run")
     opts = tiny_opts(data_root, out, **{"SOLVER.EVAL_START": 1, "SOLVER.EVAL_PERIOD": 1,
                                         "SOLVER.EVAL_BEFORE_TRAIN": True})

@@ -32,8 +32,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "demo_tiny")
+def data_root(tiny_demo_root):
+    return tiny_demo_root
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ def tiny_opts(data_root, out_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "demo_tiny")
+def data_root(tiny_demo_root):
+    return tiny_demo_root
 
 
 class NanAtCall:

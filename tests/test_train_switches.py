@@ -18,8 +18,8 @@ from tiny_train import tiny_opts
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "demo_tiny")
+def data_root(tiny_demo_root):
+    return tiny_demo_root
 
 
 class Recorder:

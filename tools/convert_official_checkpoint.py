@@ -5,11 +5,11 @@
 
 SRC is what the released training scripts saved with ``torch.save``: a dict with the
 state dict under ``net`` (plus values such as epoch, mAP, cmc), or a bare state dict; keys
-may carry a ``module.`` prefix (DataParallel). Its key layout is spec 2.12 (see
-tests/golden/released_state_dict_*.txt). The used tensors are mapped onto this project's
+may carry a ``module.`` prefix (DataParallel). Its key layout is the one listed in
+tests/golden/released_state_dict_*.txt. The used tensors are mapped onto this project's
 modules (:func:`model.cmfn.cmfn.convert_released_state_dict`); the tensors the released model
 never uses are dropped and counted; a key that maps nowhere is an error. DST is written
-with engine.checkpoint (config = configs/<dataset>.yaml, PRETRAINED off) so that
+with engine.checkpoint (config = configs/cmfn/<dataset>.yaml, PRETRAINED off) so that
 ``model.load_model(DST)`` rebuilds the model.
 
 Loading is ``weights_only=True``. The released scripts also stored numpy values (cmc, mAP),
@@ -45,7 +45,7 @@ from model.cmfn.cmfn import convert_released_state_dict, released_convert_option
 from engine.checkpoint import file_sha256, make_checkpoint, save_checkpoint  # noqa: E402
 from model.ivreid_convert import convert_reference_state, load_reference_state_dict, reference_num_classes  # noqa: E402
 from utils.config import build_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 DATASETS = ("sysu", "regdb", "llcm")
 METHODS = ("cmfn", "ivreid")
@@ -62,7 +62,7 @@ NUMPY_GLOBALS = {
 NUMPY_DTYPE_CLASS = re.compile(r"^numpy\.dtypes\.\w+DType$")
 
 
-class ConversionFailed(RuntimeError):
+class ConversionFailed(UserError, RuntimeError):
     """SRC cannot be read or mapped onto the model; the message says why."""
 
 
@@ -259,4 +259,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.image_io import default_workers  # noqa: E402
 from data.synthetic import write_llcm, write_regdb, write_sysu  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 # Default identities per layout: SYSU 24 train + 6 val + 20 test, RegDB 20 (10/10 per
 # trial), LLCM 20 train + 20 test.
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

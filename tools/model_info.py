@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import build_model  # noqa: E402
 from utils.config import add_config_arguments, config_from_args  # noqa: E402
 from utils.io import save_json  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 # Training identities of the released datasets (SYSU-MM01 train + val ids, RegDB per trial,
 # LLCM's training list).
@@ -175,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -24,6 +24,7 @@ if ROOT not in sys.path:
 
 from evaluation.embeddings import distance_from_features, load_features  # noqa: E402
 from evaluation.plots import parse_queries, plot_cmc, save_rank_grids  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
 
 def embedding_of(settings, feature=None):
@@ -118,4 +119,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""Two modality stems and a shared ResNet body (spec 2.0, 2.1 steps 1-2, 5, 8, 12).
+"""Two modality stems and a shared ResNet body (the CMFN backbone; docs/cmfn.md).
 
 Visible and infrared images each go through their own stem (7x7/2 conv, BN, ReLU, 3x3/2
 max-pool; separate weights), then through ResNet stages ``layer1..layer4`` shared by both
@@ -167,7 +167,7 @@ MBUE_POSITIONS = {"layer3": 4, "layer2": 3}
 
 
 def num_stages_for(cfg):
-    """ResNet stages a model of `cfg` runs: 4, or 3 when MBUE sits after layer2 (RegDB, spec 2.1b)."""
+    """ResNet stages a model of `cfg` runs: 4, or 3 when MBUE sits after layer2 (RegDB)."""
     position = cfg.MODEL.CMFN.MBUE_AFTER
     if position not in MBUE_POSITIONS:
         raise ValueError(
