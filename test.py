@@ -157,7 +157,9 @@ def protocol_settings(cfg, model):
         "distance": t.DISTANCE,
         "flip": t.FLIP,
         "flip_mode": t.FLIP_MODE,
-        "rerank": {"k1": t.RERANK_K1, "k2": t.RERANK_K2, "lambda": t.RERANK_LAMBDA, "expansion": t.RERANK_EXPANSION}
+        "distance_dtype": t.DISTANCE_DTYPE,
+        "rerank": {"k1": t.RERANK_K1, "k2": t.RERANK_K2, "lambda": t.RERANK_LAMBDA, "expansion": t.RERANK_EXPANSION,
+                   "distance": "sqeuclidean"}
         if t.RERANK
         else False,
         "amp": t.AMP,

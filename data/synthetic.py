@@ -469,14 +469,34 @@ def sysu_plan(num_train, num_val, num_test, seed, images_per_cam=6):
 
 
 def _rand_perm_cam(counts, max_id, seed):
-    """The official permutation file's content: [6, 1] cells of [1, max_id] cells."""
+    """The content of the official SYSU ``exp/rand_perm_cam.mat`` for the images in `counts`.
+
+    Layout (what ``scipy.io.loadmat(path)["rand_perm_cam"]`` returns for the file that
+    :func:`write_sysu` writes, and what readers of the real file index):
+
+    * a 6 x 1 object array (a MATLAB 6 x 1 cell array), one cell per camera 1..6;
+    * cell ``[cam - 1][0]`` is a `max_id` x 1 object array (an N x 1 cell array, N the number
+      of ids) indexed by person id - 1 over the real ids 1..`max_id` (not by a position in an
+      id list);
+    * element ``[pid - 1, 0]`` is a uint8 matrix of 10 rows, one per trial, each row a random
+      permutation of that identity's 1-based image numbers in that camera (``0001.jpg`` is 1):
+      10 x n for n images, 10 x 0 where the identity has no image in that camera, so that a
+      row ``[trial]`` is always an (empty) array.
+
+    The numbers are integers (uint8), not float64, so readers that format them as file names
+    with an integer format code (``"%04d"`` or ``"{:0>4d}".format(x)`` after ``.tolist()``)
+    work. uint8 bounds n to 255 images per (identity, camera); larger counts raise ValueError.
+    """
     cells = np.empty((6, 1), dtype=object)
     for cam in range(1, 7):
-        per_id = np.empty((1, max_id), dtype=object)
+        per_id = np.empty((max_id, 1), dtype=object)
         for pid in range(1, max_id + 1):
             n = counts.get((cam, pid), 0)
+            if n > np.iinfo(np.uint8).max:
+                raise ValueError("rand_perm_cam.mat stores image numbers as uint8: camera %d, id %d has %d images (max 255)"
+                                 % (cam, pid, n))
             r = _rng(seed, _SPLIT_STREAM, 3, cam, pid)
-            per_id[0, pid - 1] = np.array([r.permutation(n) + 1 for _ in range(10)], dtype=np.float64).reshape(10, n)
+            per_id[pid - 1, 0] = np.array([r.permutation(n) + 1 for _ in range(10)], dtype=np.uint8).reshape(10, n)
         cells[cam - 1, 0] = per_id
     return cells
 

@@ -164,7 +164,15 @@ def _permutation_cells(mat_path):
 
 
 def official_trials(groups, trials, shots, mat_path):
-    """Per trial, the gallery named by the official SYSU permutation file."""
+    """Per trial, the gallery named by the official SYSU permutation file.
+
+    ``loadmat(mat_path)["rand_perm_cam"][cam - 1][0]`` is camera `cam`'s cell of per-identity
+    matrices, indexed by person id - 1; it may be 1 x N or N x 1 (both are read). Row `trial`
+    of an identity's matrix lists its 1-based image numbers in that camera; the first `shots`
+    name the files ``%04d.jpg``. The numbers may be stored as any integer type (the official
+    file and data/synthetic.py use uint8) or as integral floats; a non-integral number is a
+    DatasetError.
+    """
     cells = _permutation_cells(mat_path)
     per_cam = {}
     out = []
@@ -189,6 +197,9 @@ def official_trials(groups, trials, shots, mat_path):
                                    % (mat_path, g.cam, g.pid, perm.shape[0], t))
             position = {name: idx for name, idx in zip(g.names, g.indices)}
             for number in perm[t][:shots]:
+                if number != int(number):
+                    raise DatasetError("%s: camera %d, id %d, trial %d holds image number %r, not an integer"
+                                       % (mat_path, g.cam, g.pid, t, number))
                 name = "%04d.jpg" % int(number)
                 if name not in position:
                     raise DatasetError("%s names cam%d/%04d/%s for trial %d, but that file is not in the dataset"

@@ -20,8 +20,16 @@ concatenation is used, so the squared distance ("sqeuclidean") is sum_i w_i ||q_
 :func:`evaluate_split` (used by train.py; test.py calls its two halves
 :func:`extract_split_features` and :func:`evaluate_features`) extracts the query images and
 the gallery images used by at least one trial once each, and evaluates every trial as a
-column subset of one distance matrix with evaluation.trials.evaluate_trials (k-reciprocal
-re-ranking per trial when TEST.RERANK is set).
+column subset of one distance matrix with evaluation.trials.evaluate_trials.
+
+Re-ranking (TEST.RERANK) works on the squared Euclidean distances of the weighted
+concatenations for the query-gallery, query-query and gallery-gallery matrices, as torchreid
+and fast-reid re-rank, whatever TEST.DISTANCE is (it decides the ranking without re-ranking):
+on the flip-summed features (norms up to 2) the cosine distance would give other k-reciprocal
+neighbourhoods. Precision: :func:`evaluate_features` computes its distances (and re-ranks)
+in TEST.DISTANCE_DTYPE (float64 by default: test.py's reported numbers, so that near ties
+below float32 resolution keep their order); :func:`evaluate_split`, the in-training
+evaluation, uses float32 unless told otherwise.
 
 :func:`save_features` / :func:`load_features` write and read a folder of .npy features with
 identities, cameras, paths and trials (test.py --save-features, tools/visualize_ranks.py).
@@ -133,12 +141,14 @@ def stack_features(feats, weights):
     return torch.cat(parts, dim=1)
 
 
-def distance_from_features(qfeats, gfeats, weights, metric="cosine", device=None, squared=False):
-    """Distance matrix [nq, ng] float32 (smaller = closer) on `device` (default: the features').
+def distance_from_features(qfeats, gfeats, weights, metric="cosine", device=None, squared=False,
+                           dtype=torch.float32):
+    """Distance matrix [nq, ng] of `dtype` (smaller = closer) on `device` (default: the features').
 
     `weights`: [(set, weight)] of the embedding. cosine: -(sum_i w_i q_i g_i^T); euclidean:
     distance between the weighted concatenations; sqeuclidean (or squared=True): its square,
-    which k-reciprocal re-ranking expects.
+    which k-reciprocal re-ranking expects. dtype: torch.float32 / torch.float64 or "float32" /
+    "float64" (float64 computes the products in float64).
     """
     from evaluation.distance import compute_distance
 
@@ -148,7 +158,7 @@ def distance_from_features(qfeats, gfeats, weights, metric="cosine", device=None
         q, g = q.to(device), g.to(device)
     if metric == "sqeuclidean":
         metric, squared = "euclidean", True
-    return compute_distance(q, g, metric=metric, squared=squared)
+    return compute_distance(q, g, metric=metric, squared=squared, dtype=dtype)
 
 
 def used_gallery_columns(split):
@@ -174,31 +184,37 @@ def extract_split_features(model, split, cfg, device, flip=None):
     return qfeats, gfeats, used, trials
 
 
-def evaluate_features(qfeats, gfeats, split, cfg, weights, used=None, trials=None, device=None):
+def evaluate_features(qfeats, gfeats, split, cfg, weights, used=None, trials=None, device=None, dtype=None):
     """evaluate_trials result for features of split.query and split.gallery[used].
 
     `weights`: the embedding's [(set, weight)] (:func:`embedding_weights`). `used`/`trials`
     as returned by :func:`extract_split_features` (default: every gallery image,
-    split.trials). Adds "distmat" (float32 numpy [nq, n_used]) to the result.
+    split.trials). `dtype`: precision of the distances and of re-ranking, "float32" or
+    "float64" (default cfg.TEST.DISTANCE_DTYPE). Without re-ranking the distance is
+    TEST.DISTANCE; with TEST.RERANK it is the squared Euclidean distance (module docstring),
+    re-ranked per trial. Adds "distmat" (numpy [nq, n_used] of `dtype`: that distance before
+    re-ranking) to the result.
     """
+    from evaluation.distance import distance_dtype
     from evaluation.trials import evaluate_trials
 
     if used is None:
         used, trials = used_gallery_columns(split)
-    metric = cfg.TEST.DISTANCE
-    # re-ranking expects squared euclidean distances; the ranking without it is the same
-    squared = bool(cfg.TEST.RERANK)
-    distmat = distance_from_features(qfeats, gfeats, weights, metric, device, squared)
+    dtype = distance_dtype(cfg.TEST.DISTANCE_DTYPE if dtype is None else dtype)
     rerank = None
     if cfg.TEST.RERANK:
+        distmat = distance_from_features(qfeats, gfeats, weights, "sqeuclidean", device, dtype=dtype)
         rerank = dict(
-            q_q=distance_from_features(qfeats, qfeats, weights, metric, device, squared),
-            g_g=distance_from_features(gfeats, gfeats, weights, metric, device, squared),
+            q_q=distance_from_features(qfeats, qfeats, weights, "sqeuclidean", device, dtype=dtype),
+            g_g=distance_from_features(gfeats, gfeats, weights, "sqeuclidean", device, dtype=dtype),
             k1=cfg.TEST.RERANK_K1,
             k2=cfg.TEST.RERANK_K2,
             lambda_value=cfg.TEST.RERANK_LAMBDA,
             expansion=cfg.TEST.RERANK_EXPANSION,
+            dtype=dtype,
         )
+    else:
+        distmat = distance_from_features(qfeats, gfeats, weights, cfg.TEST.DISTANCE, device, dtype=dtype)
     result = evaluate_trials(
         distmat,
         split.query.pids,
@@ -214,16 +230,18 @@ def evaluate_features(qfeats, gfeats, split, cfg, weights, used=None, trials=Non
     return result
 
 
-def evaluate_split(model, split, cfg, device, flip=None, feature=None):
+def evaluate_split(model, split, cfg, device, flip=None, feature=None, dtype="float32"):
     """Extract and evaluate one TestSplit; `flip` None means cfg.TEST.FLIP.
 
     Returns the evaluation.trials.evaluate_trials dict (per_trial, mean, std) for the
     model's embedding preset `feature` (default cfg.TEST.FEATURE, empty = the model's
-    default). train.py's periodic evaluation passes flip=False as released.
+    default). train.py's periodic evaluation passes flip=False as released. `dtype`: the
+    distance precision, float32 by default (in-training evaluation; None means
+    cfg.TEST.DISTANCE_DTYPE, test.py's float64 default).
     """
     weights = embedding_weights(model, cfg.TEST.FEATURE if feature is None else feature)
     qfeats, gfeats, used, trials = extract_split_features(model, split, cfg, device, flip=flip)
-    result = evaluate_features(qfeats, gfeats, split, cfg, weights, used, trials, device=device)
+    result = evaluate_features(qfeats, gfeats, split, cfg, weights, used, trials, device=device, dtype=dtype)
     result.pop("distmat")
     return result
 

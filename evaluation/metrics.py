@@ -69,6 +69,28 @@ Cases the standard code mishandles, handled here:
   rank r contributes 1 to every entry from r on, also past the end of a short gallery or of
   a short list of distinct identities, so the curve saturates instead of the standard code's
   ragged-array crash (distinct CMC) or length change (``n_gallery < max_rank``).
+
+Differences from the Market-1501 evaluation of torchreid and fast-reid (their Python
+``eval_market1501``: per query, argsort, drop same-identity same-camera items, cumsum, keep
+``cmc[:max_rank]``, stack the queries' curves with ``np.asarray``), all for the same inputs:
+
+* junk images: an identity of -1 is an ordinary identity here. Gallery items labelled -1 stay
+  in every ranked list (a non-match for any other query, so they can push true matches down
+  and lower rank-k and mAP) unless the caller drops them before calling :func:`evaluate`.
+  torchreid's and fast-reid's Market-1501 dataset loaders skip every image whose identity is
+  -1 when they read the folders, so their evaluation never sees junk images. Example: query
+  id 1 (cam 1), gallery ids [-1, 1, 2] (cam 2) at distances [0.1, 0.2, 0.3]: here rank-1 = 0
+  and mAP = 0.5; without the -1 item rank-1 = 1 and mAP = 1.
+* a gallery with fewer than ``max_rank`` items: the CMC still has ``max_rank`` entries, the
+  entries past the gallery's end repeating the last value (for ``n_gallery`` = 2,
+  ``max_rank`` = 5 and a first hit at rank 2: [0, 1, 1, 1, 1]). Their code sets ``max_rank``
+  to ``n_gallery`` and returns a CMC of ``n_gallery`` entries ([0, 1] in that example).
+* removals that leave some queries fewer than ``max_rank`` kept items: an ordinary CMC of
+  ``max_rank`` entries. Their code truncates each query's curve to its kept items, so when
+  those lengths differ between queries (e.g. two queries keeping 2 and 3 of 4 items with
+  ``max_rank`` = 4) the ragged list of curves makes ``np.asarray(...).astype(np.float32)``
+  raise ValueError; when every query keeps the same number k < ``max_rank`` of items they
+  return a CMC of k entries.
 """
 import numpy as np
 import torch
@@ -365,14 +387,17 @@ def evaluate(distmat, q_pids, g_pids, q_camids=None, g_camids=None, protocol=Non
     distmat: [nq, ng] numpy array or torch tensor (any device, any float dtype; half
         precision is upcast per chunk), smaller = closer. NaN is rejected.
     q_pids, g_pids, q_camids, g_camids: 1-D integer arrays or tensors. The camera arrays may
-        be None for "regdb", which ignores cameras.
+        be None for "regdb", which ignores cameras. Every pid, -1 (Market-1501 junk) included,
+        is an ordinary identity: drop junk items before the call to exclude them (module
+        docstring, differences from torchreid / fast-reid).
     protocol: "sysu", "llcm", "regdb" or "market" (module docstring); required.
     chunk_rows: query rows per chunk; default from `memory_mb` (module docstring).
     return_per_query: also return "per_query": numpy arrays valid, ap, inp, rank (first kept
         match, 1-based) and rank_distinct (0 for invalid queries' ranks and scores).
 
-    Returns a dict: cmc (float64 [max_rank]; distinct-identity CMC for sysu/llcm, standard
-    otherwise), cmc_standard, cmc_distinct, mAP, mINP (floats, fractions 0..1),
+    Returns a dict: cmc (float64 [max_rank], always max_rank entries, also for a gallery or a
+    kept list shorter than max_rank, where the last value repeats; distinct-identity CMC for
+    sysu/llcm, standard otherwise), cmc_standard, cmc_distinct, mAP, mINP (floats, fractions 0..1),
     num_valid_queries, num_queries, protocol.
     """
     _check_protocol(protocol)

@@ -2,25 +2,36 @@
 k-reciprocal Encoding", CVPR 2017), memory-bounded. Off by default (cfg.TEST.RERANK).
 
 ``k_reciprocal_rerank(q_g [nq, ng], q_q [nq, nq], g_g [ng, ng], k1, k2, lambda_value)`` returns
-a re-ranked distance [nq, ng] (float32, smaller = closer) for evaluation.metrics.evaluate.
+a re-ranked distance [nq, ng] (float32 or, with ``dtype=torch.float64``, float64; smaller =
+closer) for evaluation.metrics.evaluate.
+
+Inputs: squared Euclidean distances. The re-ranking authors' distance-matrix code squares the
+Euclidean distances it is given, and the feature-based re-ranking of the common re-id
+codebases (torchreid, fast-reid) works on squared Euclidean distances of the test features
+too; evaluation.embeddings passes the squared Euclidean distances of the (weighted,
+concatenated) test features for all three matrices, whatever TEST.DISTANCE ranks with when
+re-ranking is off. A cosine distance
+``-(q.g)`` is equivalent only when every feature has unit norm (see step 1); the flip-summed
+features of test.py have norms up to 2, on which it gives other neighbourhoods.
 
 Queries and gallery form one pool of n = nq + ng items with the joint distance matrix
 ``[[q_q, q_g], [q_g.T, g_g]]``. Steps, with d the joint distance:
 
 1. Normalise: subtract the smallest distance of the whole matrix, then divide each row by
-   its largest value, so d lies in [0, 1]. Cosine distances ``-(q.g)`` of L2-normalised
-   features become ``(1 - cos) / max`` = squared Euclidean / row max, which is what the
-   authors' code computes from Euclidean distances (it squares them); so pass cosine or
-   *squared* Euclidean distances. A row whose values are all equal stays 0.
+   its largest value, so d lies in [0, 1]. For squared Euclidean distances the smallest is
+   an item's distance to itself, 0, so d = squared Euclidean / row max, what the authors'
+   code computes from Euclidean distances. Cosine distances ``-(q.g)`` of unit-norm features
+   become ``(1 - cos) / max``, the same values. A row whose values are all equal stays 0.
 2. N(p, k): p's k + 1 nearest items of the pool (p itself included), by ``torch.topk``
    (equal distances at the k-th place are broken arbitrarily).
    R(p, k) = {g in N(p, k) : p in N(g, k)}, the k-reciprocal neighbours.
 3. R*(p) = R(p, k1) united with every R(g, round(k1/2)), g in R(p, k1), that shares at least
-   2/3 of its members with R(p, k1): the paper's ">=" (``expansion="paper"``, default).
-   The authors' released code tests ``shared > (2./3) * size`` in floating point instead,
-   which rejects some sets the paper accepts (size 3 needs all 3 shared, not 2);
-   ``expansion="released"`` reproduces it, and with it this function agrees with that code
-   (squared Euclidean inputs) to float32 rounding.
+   2/3 of its members with R(p, k1). The authors' released code, whose numbers papers
+   report, tests ``shared > (2./3) * size`` in floating point: ``expansion="released"``
+   (the default here, in evaluation.trials and in TEST.RERANK_EXPANSION); with it this
+   function agrees with that code (squared Euclidean inputs) to rounding. The paper writes
+   ">=" (``expansion="paper"``), which accepts some sets the released rule rejects (size 3
+   with 2 shared).
 4. V_p[g] = exp(-d(p, g)) for g in R*(p), 0 elsewhere, normalised to sum 1 (Gaussian kernel).
 5. Local query expansion: V_p <- mean of V_g over g in N(p, k2 - 1) (k2 nearest, p included).
 6. Jaccard distance d_J(p, g) = 1 - sum_i min(V_p[i], V_g[i]) / sum_i max(V_p[i], V_g[i]),
@@ -29,8 +40,9 @@ Queries and gallery form one pool of n = nq + ng items with the joint distance m
 
 Memory. Apart from the three input matrices, the dense temporaries are blocks of
 ``chunk`` rows of the joint matrix (``chunk x n`` values, chunk chosen so that about
-``16 bytes x chunk x n <= memory_mb``) and the Jaccard accumulation pairs (at most
-``memory_mb / 40 bytes`` at a time). The weights V are sparse: at most
+``4 x itemsize x chunk x n <= memory_mb``, itemsize 4 for float32 and 8 for float64) and the
+Jaccard accumulation pairs (at most ``memory_mb / (36 + itemsize) bytes`` at a time). The
+weights V are sparse: at most
 n x (k1 + 1)(round(k1/2) + 2) entries, and k2 times that after query expansion, instead of
 the n x n dense matrix of the authors' code.
 """
@@ -40,13 +52,13 @@ import torch
 DEFAULT_MEMORY_MB = 256
 
 
-def _matrix(x, name, shape, device):
+def _matrix(x, name, shape, device, dtype):
     t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     if tuple(t.shape) != shape:
         raise ValueError("%s must have shape %s, got %s" % (name, shape, tuple(t.shape)))
     if not t.dtype.is_floating_point:
         raise ValueError("%s must be floating point, got dtype %s" % (name, t.dtype))
-    t = t.to(device=device, dtype=torch.float32)
+    t = t.to(device=device, dtype=dtype)
     if not torch.isfinite(t).all():
         raise ValueError("%s contains NaN or infinite values" % name)
     return t
@@ -122,7 +134,7 @@ def _expanded_weights(joint, nbr, k1, step, expansion):
         member[local[:, None, None].expand_as(half)[grow], half[grow]] = True
         r, col = member.nonzero().unbind(1)
         w = torch.exp(-joint.rows(s, e)[r, col])
-        w = w / torch.zeros(c, device=dev).index_add_(0, r, w)[r]
+        w = w / torch.zeros(c, dtype=w.dtype, device=dev).index_add_(0, r, w)[r]
         rows_out.append(r + s)
         cols_out.append(col)
         vals_out.append(w)
@@ -147,7 +159,7 @@ def _jaccard(rows, cols, vals, nq, n, pair_budget):
     """d_J between query pool items (rows < nq) and gallery pool items (rows >= nq) (step 6)."""
     dev = vals.device
     ng = n - nq
-    row_sum = torch.zeros(n, device=dev).index_add_(0, rows, vals)
+    row_sum = torch.zeros(n, dtype=vals.dtype, device=dev).index_add_(0, rows, vals)
     gal = rows >= nq
     g_rows, g_cols, g_vals = rows[gal] - nq, cols[gal], vals[gal]
     order = torch.sort(g_cols, stable=True).indices
@@ -160,7 +172,7 @@ def _jaccard(rows, cols, vals, nq, n, pair_budget):
     pairs = col_count[q_cols]
     pairs_per_row = torch.zeros(nq, dtype=torch.int64, device=dev).index_add_(0, q_rows, pairs)
     entry_start = torch.cumsum(torch.bincount(q_rows, minlength=nq), 0)
-    overlap = torch.zeros(nq, ng, device=dev)
+    overlap = torch.zeros(nq, ng, dtype=vals.dtype, device=dev)
     s = 0
     while s < nq:
         # The largest block of query rows whose pairs fit the budget (at least one row).
@@ -176,17 +188,18 @@ def _jaccard(rows, cols, vals, nq, n, pair_budget):
         overlap.view(-1).index_add_(0, q_rows[entry] * ng + g_rows[pos], contrib)
         s = e
     union = row_sum[:nq, None] + row_sum[None, nq:] - overlap
-    return 1 - overlap / union.clamp(min=torch.finfo(torch.float32).tiny)
+    return 1 - overlap / union.clamp(min=torch.finfo(vals.dtype).tiny)
 
 
-def k_reciprocal_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion="paper",
-                        memory_mb=DEFAULT_MEMORY_MB):
-    """Re-ranked query-by-gallery distance [nq, ng] (float32, on q_g's device).
+def k_reciprocal_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion="released",
+                        memory_mb=DEFAULT_MEMORY_MB, dtype=torch.float32):
+    """Re-ranked query-by-gallery distance [nq, ng] (`dtype`, on q_g's device).
 
-    q_g [nq, ng], q_q [nq, nq], g_g [ng, ng]: distances (numpy or torch), smaller = closer:
-    cosine (-q.g) or squared Euclidean (module docstring). k1, k2: neighbourhood sizes
-    (clamped to the pool size); lambda_value: weight of the original distance; expansion:
-    "paper" or "released" rule of step 3; memory_mb: the bound of the module docstring.
+    q_g [nq, ng], q_q [nq, nq], g_g [ng, ng]: squared Euclidean distances (numpy or torch;
+    module docstring). k1, k2: neighbourhood sizes (clamped to the pool size); lambda_value:
+    weight of the original distance; expansion: "released" (default) or "paper" rule of
+    step 3; memory_mb: the bound of the module docstring; dtype: torch.float32 or
+    torch.float64, the precision every step is computed in.
     """
     q_g_t = q_g.detach() if isinstance(q_g, torch.Tensor) else torch.from_numpy(np.asarray(q_g))
     if q_g_t.dim() != 2:
@@ -195,9 +208,11 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion=
     if nq == 0 or ng == 0:
         raise ValueError("q_g is empty (shape %s): nothing to re-rank" % (tuple(q_g_t.shape),))
     dev = q_g_t.device
-    q_g = _matrix(q_g_t, "q_g", (nq, ng), dev)
-    q_q = _matrix(q_q, "q_q", (nq, nq), dev)
-    g_g = _matrix(g_g, "g_g", (ng, ng), dev)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError("dtype must be torch.float32 or torch.float64, got %r" % (dtype,))
+    q_g = _matrix(q_g_t, "q_g", (nq, ng), dev, dtype)
+    q_q = _matrix(q_q, "q_q", (nq, nq), dev, dtype)
+    g_g = _matrix(g_g, "g_g", (ng, ng), dev, dtype)
     if int(k1) < 1 or int(k2) < 1:
         raise ValueError("k1 and k2 must be >= 1, got k1=%r, k2=%r" % (k1, k2))
     if expansion not in ("paper", "released"):
@@ -209,7 +224,8 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion=
     k1 = min(int(k1), n - 1)
     k2 = min(int(k2), n)
     budget = int(memory_mb * (1 << 20))
-    step = max(1, budget // (16 * n))
+    itemsize = torch.finfo(dtype).bits // 8
+    step = max(1, budget // (4 * itemsize * n))
 
     width = max(k1 + 1, k2)
     nbr = torch.empty(n, width, dtype=torch.int64, device=dev)
@@ -218,6 +234,6 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion=
         nbr[s:e] = torch.topk(joint.rows(s, e), width, dim=1, largest=False, sorted=True).indices
     rows, cols, vals = _expanded_weights(joint, nbr, k1, step, expansion)
     rows, cols, vals = _query_expansion(rows, cols, vals, nbr, k2, n)
-    jaccard = _jaccard(rows, cols, vals, nq, n, max(1, budget // 40))
+    jaccard = _jaccard(rows, cols, vals, nq, n, max(1, budget // (36 + itemsize)))
     original = (q_g - joint.shift) / joint.span[:nq, None]
     return (1 - float(lambda_value)) * jaccard + float(lambda_value) * original

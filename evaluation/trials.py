@@ -20,9 +20,10 @@ All figures are fractions in [0, 1]; ``format_table`` prints them in percent.
 
 Re-ranking (off by default) is applied per trial to that trial's columns. ``rerank`` is
 either a dict ``{"q_q": [nq, nq], "g_g": [n_candidates, n_candidates], "k1": 20, "k2": 6,
-"lambda_value": 0.3}`` (k1, k2, lambda_value, expansion optional) for
-evaluation.rerank.k_reciprocal_rerank, or a callable ``f(q_g_trial, columns) -> distmat`` for any
-other scheme.
+"lambda_value": 0.3, "expansion": "released", "dtype": torch.float32}`` (all but q_q and g_g
+optional, with those defaults: the expansion rule of the re-ranking authors' released code)
+for evaluation.rerank.k_reciprocal_rerank, whose distances (distmat, q_q, g_g) are squared
+Euclidean, or a callable ``f(q_g_trial, columns) -> distmat`` for any other scheme.
 """
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from evaluation.metrics import evaluate
 
 RANKS = (1, 5, 10, 20)
 SCALARS = tuple("rank%d" % k for k in RANKS) + ("mAP", "mINP")
-_RERANK_KEYS = {"q_q", "g_g", "k1", "k2", "lambda_value", "expansion"}
+_RERANK_PARAMS = ("k1", "k2", "lambda_value", "expansion", "dtype")
+_RERANK_KEYS = {"q_q", "g_g", *_RERANK_PARAMS}
 
 
 def _tensor(x):
@@ -46,12 +48,12 @@ def _reranker(rerank):
         raise ValueError("rerank must be None, a dict or a callable, got %s" % type(rerank).__name__)
     unknown = set(rerank) - _RERANK_KEYS
     if unknown or not {"q_q", "g_g"} <= set(rerank):
-        raise ValueError("rerank dict needs keys q_q and g_g (optional k1, k2, lambda_value, expansion); got %s"
-                         % sorted(rerank))
+        raise ValueError("rerank dict needs keys q_q and g_g (optional %s); got %s"
+                         % (", ".join(_RERANK_PARAMS), sorted(rerank)))
     from evaluation.rerank import k_reciprocal_rerank
 
     q_q, g_g = _tensor(rerank["q_q"]), _tensor(rerank["g_g"])
-    params = {k: rerank[k] for k in ("k1", "k2", "lambda_value", "expansion") if k in rerank}
+    params = {k: rerank[k] for k in _RERANK_PARAMS if k in rerank}
 
     def apply(q_g, cols):
         cols_g = cols.to(g_g.device)

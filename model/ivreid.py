@@ -86,7 +86,7 @@ class IVReID(ReIDModel):
         m = cfg.MODEL
         backbone = SingleStreamResNet(m.BACKBONE, m.LAST_STRIDE, m.IVREID.CONV_BIAS, m.IVREID.STEM_RELU)
         if m.PRETRAINED:
-            path = find_imagenet_weights(m.BACKBONE, m.PRETRAIN_PATH)
+            path = find_imagenet_weights(m.BACKBONE, m.PRETRAIN_PATH, download=m.DOWNLOAD)
             backbone.load_imagenet(read_imagenet_weights(path), source=path)
         return cls(backbone, num_classes, m.IVREID.AUX_DIM)
 

@@ -70,3 +70,14 @@ def tiny_demo_root(tmp_path_factory):
     keys = ("DATASET.DEMO_TRAIN_IDS", "DATASET.DEMO_TEST_IDS", "INPUT.SIZE_TRAIN")
     ensure_demo_dataset(build_config("demo", opts=["DATASET.ROOT", root] + [str(x) for k in keys for x in (k, BASE[k])]))
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_network_download(monkeypatch):
+    """No test may download (ImageNet weights go through torch.hub): a download fails the test."""
+    import torch
+
+    def refuse(url, *args, **kwargs):
+        raise AssertionError("a test tried to download %s" % url)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)

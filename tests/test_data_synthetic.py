@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 from scipy.io import loadmat
 
@@ -60,22 +61,42 @@ def test_sysu_layout_matches_plan(synthetic_root):
 
 
 def test_sysu_official_permutation_file(synthetic_root):
+    # Read the way MPANet / MCJA read the real file: loadmat, index the cells, format the raw
+    # numbers with an integer format code (no cast to int first).
     root = synthetic_root("sysu")
     cells = loadmat(os.path.join(root, "exp", "rand_perm_cam.mat"))["rand_perm_cam"]
     plan = sysu_plan(4, 2, 6, 0, 3)
     max_id = max(pid for _, pid in plan["counts"])
+    assert cells.shape == (6, 1) and cells.dtype == object  # 6 x 1 cell, one cell per camera
     for cam in range(1, 7):
-        per_id = cells[cam - 1][0].squeeze()
-        assert len(per_id) == max_id  # indexed by real id - 1 over 1..max id
+        cam_cell = cells[cam - 1][0]
+        assert cam_cell.dtype == object and cam_cell.shape == (max_id, 1)  # N x 1, indexed by real id - 1
+        per_id = cam_cell.squeeze()
+        assert len(per_id) == max_id
         for pid in range(1, max_id + 1):
             n = plan["counts"].get((cam, pid), 0)
-            perm = np.atleast_2d(per_id[pid - 1])
+            perm = per_id[pid - 1]
+            assert perm is cam_cell[pid - 1, 0]
+            assert perm.dtype == np.uint8 and perm.shape == (10, n)  # 10 x 0 where no images
             if n == 0:
-                assert perm.size == 0
+                assert perm[3][:1].tolist() == []  # a trial row of an empty cell is empty
                 continue
-            assert perm.shape == (10, n)
-            for row in perm:
-                assert sorted(row.astype(int).tolist()) == list(range(1, n + 1))
+            for trial, row in enumerate(perm):
+                value = perm[trial][0]
+                assert value.dtype == np.uint8
+                assert "%04d" % value == "%04d" % row[0] and 1 <= value <= n
+                names = ["cam{}/{:0>4d}/{:0>4d}".format(cam, pid, x) for x in perm[trial][:10].tolist()]
+                assert sorted(names) == ["cam%d/%04d/%04d" % (cam, pid, k) for k in range(1, n + 1)]
+                assert all(os.path.isfile(os.path.join(root, name + ".jpg")) for name in names)
+
+
+def test_rand_perm_cam_rejects_counts_beyond_uint8():
+    from data.synthetic import _rand_perm_cam
+
+    cells = _rand_perm_cam({(2, 1): 255}, 1, 0)
+    assert cells[1, 0][0, 0].dtype == np.uint8 and cells[1, 0][0, 0].max() == 255 and cells[1, 0].shape == (1, 1)
+    with pytest.raises(ValueError, match="uint8"):
+        _rand_perm_cam({(2, 1): 256}, 1, 0)
 
 
 def test_generation_is_deterministic_and_parallel_safe(tmp_path):

@@ -125,6 +125,51 @@ def test_sysu_official_errors(synthetic_root, tmp_path):
         build_test_split(cfg)
 
 
+def _rewrite_permutations(mat_path, column, dtype):
+    """Re-save rand_perm_cam.mat with each camera's cell N x 1 (`column`) or 1 x N and the
+    numbers as `dtype`."""
+    from scipy.io import savemat
+
+    cells = loadmat(mat_path)["rand_perm_cam"]
+    out = np.empty((6, 1), dtype=object)
+    for cam in range(6):
+        per_id = cells[cam][0].reshape(-1)
+        table = np.empty((len(per_id), 1) if column else (1, len(per_id)), dtype=object)
+        for i, perm in enumerate(per_id):
+            table.flat[i] = perm.astype(dtype)
+        out[cam, 0] = table
+    savemat(mat_path, {"rand_perm_cam": out})
+    return out
+
+
+def test_sysu_official_reads_both_cell_layouts(synthetic_root, tmp_path):
+    # the written file (uint8, 1 x N cells), the same numbers in N x 1 cells, and float64 numbers
+    # (what data/synthetic.py wrote before) all give the same galleries
+    root = str(tmp_path / "S")
+    shutil.copytree(synthetic_root("sysu"), root)
+    mat = os.path.join(root, "exp", "rand_perm_cam.mat")
+    cfg = _cfg("sysu", root, "TEST.GALLERY", "official", "TEST.SHOTS", "2", "TEST.NUM_TRIALS", "3")
+    assert loadmat(mat)["rand_perm_cam"][0][0][0, 0].dtype == np.uint8
+    written = [t.tolist() for t in build_test_split(cfg).trials]
+    assert sum(len(t) for t in written) > 0
+    for column, dtype in ((True, np.uint8), (False, np.float64), (True, np.float64)):
+        cells = _rewrite_permutations(mat, column, dtype)
+        loaded = loadmat(mat)["rand_perm_cam"]
+        assert loaded[0][0].shape == cells[0][0].shape and loaded[0][0].flat[0].dtype == dtype
+        assert [t.tolist() for t in build_test_split(cfg).trials] == written
+    # a number that names no file: not silently truncated
+    cells = loadmat(mat)["rand_perm_cam"]
+    table = cells[0][0]
+    test_ids = sorted(int(x) for x in _test_ids(os.path.join(root, "exp", "test_id.txt")))
+    pid = next(p for p in test_ids if table.flat[p - 1].size)
+    table.flat[pid - 1] = table.flat[pid - 1] + 0.5
+    from scipy.io import savemat
+
+    savemat(mat, {"rand_perm_cam": cells})
+    with pytest.raises(DatasetError, match=r"camera 1, id %d, trial 0 holds image number .*not an integer" % pid):
+        build_test_split(_cfg("sysu", root, "TEST.GALLERY", "official", "TEST.SHOTS", "1", "TEST.NUM_TRIALS", "1"))
+
+
 def test_sysu_bad_input(synthetic_root, tmp_path):
     root = str(tmp_path / "S")
     shutil.copytree(synthetic_root("sysu"), root)

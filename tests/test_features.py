@@ -356,3 +356,99 @@ def test_rerank_applies_k_reciprocal_per_trial():
                                  split.query.camids, split.gallery.camids[used][cols], "regdb", max_rank=5)
         assert result["per_trial"][t]["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
     assert result["reranked"]
+
+
+class _NearTieSplit:
+    """One query (pid 0) and two gallery items: item 0 (pid 1) and item 1 (pid 0, the match).
+
+    With the features of :func:`near_tie_features` the cosine distances are -(1 + 2^-26) and
+    -(1 + 2^-25): the match is closer, but both round to -1 in float32, and a tie ranks the
+    lower gallery index (the wrong identity) first.
+    """
+
+    def __init__(self):
+        self.query = _List([0], [3])
+        self.gallery = _List([1, 0], [1, 1])
+        self.trials = [None]
+        self.protocol = "regdb"
+
+
+def near_tie_features():
+    q = {"a": torch.tensor([[1.0, 1.0]])}
+    g = {"a": torch.tensor([[1.0, 2.0 ** -26], [1.0, 2.0 ** -25]])}
+    return q, g
+
+
+def test_default_distance_dtype_is_float64_and_keeps_near_ties():
+    split, (q, g) = _NearTieSplit(), near_tie_features()
+    w = [("a", 1.0)]
+    exact = -(np.array([[1.0, 1.0]]) @ np.array([[1.0, 2.0 ** -26], [1.0, 2.0 ** -25]]).T)
+    assert exact[0, 1] < exact[0, 0]  # the match (gallery item 1) is the nearer one
+    cfg = make_cfg("TEST.MAX_RANK", "2")
+    assert cfg.TEST.DISTANCE_DTYPE == "float64"
+    default = evaluate_features(q, g, split, cfg, w)
+    assert default["distmat"].dtype == np.float64
+    np.testing.assert_array_equal(default["distmat"], exact)
+    assert default["per_trial"][0]["rank1"] == 1.0
+    # float32 makes the two distances equal and ranks the wrong identity first
+    single = evaluate_features(q, g, split, make_cfg("TEST.MAX_RANK", "2", "TEST.DISTANCE_DTYPE", "float32"), w)
+    assert single["distmat"].dtype == np.float32 and single["distmat"][0, 0] == single["distmat"][0, 1]
+    assert single["per_trial"][0]["rank1"] == 0.0
+    # the explicit argument wins over the config
+    assert evaluate_features(q, g, split, cfg, w, dtype="float32")["per_trial"][0]["rank1"] == 0.0
+    # euclidean distances in float64 keep the order too (|q - g0|^2 - |q - g1|^2 is about 2^-25)
+    sq = evaluate_features(q, g, split, make_cfg("TEST.MAX_RANK", "2", "TEST.DISTANCE", "sqeuclidean"), w)
+    assert sq["per_trial"][0]["rank1"] == 1.0
+    with pytest.raises(ConfigError, match="DISTANCE_DTYPE"):
+        make_cfg("TEST.DISTANCE_DTYPE", "float16")
+
+
+def test_evaluate_split_keeps_float32_by_default(monkeypatch):
+    """The in-training evaluation (evaluate_split) ranks in float32 unless given a dtype."""
+    import evaluation.embeddings as emb
+
+    split, (q, g) = _NearTieSplit(), near_tie_features()
+    monkeypatch.setattr(emb, "embedding_weights", lambda model, preset: [("a", 1.0)])
+    monkeypatch.setattr(emb, "extract_split_features",
+                        lambda model, split, cfg, device, flip=None: (q, g, np.arange(2), [np.arange(2)]))
+    cfg = make_cfg("TEST.MAX_RANK", "2")
+    assert emb.evaluate_split(None, split, cfg, "cpu")["per_trial"][0]["rank1"] == 0.0
+    assert emb.evaluate_split(None, split, cfg, "cpu", dtype="float64")["per_trial"][0]["rank1"] == 1.0
+    assert emb.evaluate_split(None, split, cfg, "cpu", dtype=None)["per_trial"][0]["rank1"] == 1.0
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_rerank_uses_squared_euclidean_of_weighted_concatenation(distance):
+    """Re-ranking works on squared Euclidean distances of the sqrt(w)-scaled concatenation,
+    whatever TEST.DISTANCE is; the features here have unequal norms (as flip-summed ones), on
+    which the cosine distance gives other figures."""
+    from test_rerank import loop_rerank
+
+    split = _Split("regdb")
+    used, trials = used_gallery_columns(split)
+    rng = np.random.default_rng(5)
+    q = {n: f * torch.from_numpy(rng.uniform(0.8, 2.0, (len(f), 1))).float()
+         for n, f in random_feats(len(split.query), 31).items()}
+    g = {n: f * torch.from_numpy(rng.uniform(0.8, 2.0, (len(f), 1))).float()
+         for n, f in random_feats(len(used), 32).items()}
+    mix = weights("mix")
+    scale = {n: (0.1 if n.startswith("pool") else 0.9) ** 0.5 for n in FEATURE_SETS}
+    qn = np.concatenate([q[n].numpy().astype(np.float64) * scale[n] for n in FEATURE_SETS], 1)
+    gn = np.concatenate([g[n].numpy().astype(np.float64) * scale[n] for n in FEATURE_SETS], 1)
+    sq = lambda a, b: ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)  # noqa: E731
+    cfg = make_cfg("TEST.MAX_RANK", "5", "TEST.RERANK", "True", "TEST.RERANK_K1", "4", "TEST.RERANK_K2", "2",
+                   "TEST.DISTANCE", distance)
+    result = evaluate_features(q, g, split, cfg, mix, used, trials)
+    differs = False
+    for t, cols in enumerate(trials):
+        args = (split.query.pids, split.gallery.pids[used][cols], split.query.camids,
+                split.gallery.camids[used][cols], "regdb")
+        ref = reference_evaluate(loop_rerank(sq(qn, gn[cols]), sq(qn, qn), sq(gn[cols], gn[cols]), 4, 2, 0.3),
+                                 *args, max_rank=5)
+        got = result["per_trial"][t]
+        assert got["mAP"] == pytest.approx(ref["mAP"], abs=1e-9)
+        np.testing.assert_allclose(got["cmc"], ref["cmc"], atol=1e-9)
+        cos = reference_evaluate(loop_rerank(-(qn @ gn[cols].T), -(qn @ qn.T), -(gn[cols] @ gn[cols].T), 4, 2, 0.3),
+                                 *args, max_rank=5)
+        differs |= abs(cos["mAP"] - ref["mAP"]) > 1e-6
+    assert differs  # the cosine inputs would be caught

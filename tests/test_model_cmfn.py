@@ -378,8 +378,9 @@ def test_imagenet_weights_from_path(tmp_path, fake_imagenet, caplog, no_download
 def test_imagenet_weights_from_hub_cache(tmp_path, fake_imagenet, monkeypatch, no_download):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(PretrainedWeightsError) as info:
-        build_model(tiny_cfg("baseline", "sysu", "MODEL.PRETRAINED", "True"), C)
+        build_model(tiny_cfg("baseline", "sysu", "MODEL.PRETRAINED", "True", "MODEL.DOWNLOAD", "False"), C)
     text = str(info.value)
+    assert "MODEL.DOWNLOAD" in text
     assert "https://download.pytorch.org/models/resnet18-5c106cde.pth" in text
     assert os.path.join(str(tmp_path), "checkpoints") in text
     assert "MODEL.PRETRAIN_PATH" in text and "MODEL.PRETRAINED False" in text

@@ -13,7 +13,7 @@ from evaluation.metrics import evaluate
 from evaluation.rerank import k_reciprocal_rerank
 
 
-def loop_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion="paper"):
+def loop_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion="released"):
     q_g, q_q, g_g = (np.asarray(x, dtype=np.float64) for x in (q_g, q_q, g_g))
     nq = q_g.shape[0]
     d = np.block([[q_q, q_g], [q_g.T, g_g]])
@@ -63,12 +63,13 @@ def clustered_features(seed, nq, ng, ids=6, dim=8):
     return q, g, q_pids, g_pids
 
 
+@pytest.mark.parametrize("expansion", ["released", "paper"])
 @pytest.mark.parametrize("seed,k1,k2,lam", [(0, 20, 6, 0.3), (1, 5, 1, 0.0), (2, 7, 3, 1.0), (3, 4, 2, 0.5)])
-def test_matches_loop_implementation(seed, k1, k2, lam):
+def test_matches_loop_implementation(seed, k1, k2, lam, expansion):
     q, g, _, _ = clustered_features(seed, 9, 26)
     q_g, q_q, g_g = -(q @ g.T), -(q @ q.T), -(g @ g.T)
-    expected = loop_rerank(q_g, q_q, g_g, k1, k2, lam)
-    got = k_reciprocal_rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lam)
+    expected = loop_rerank(q_g, q_q, g_g, k1, k2, lam, expansion=expansion)
+    got = k_reciprocal_rerank(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lam, expansion=expansion)
     assert got.dtype == torch.float32 and got.shape == (9, 26)
     np.testing.assert_allclose(got.numpy(), expected, atol=2e-5)
 
@@ -76,10 +77,41 @@ def test_matches_loop_implementation(seed, k1, k2, lam):
 def test_released_expansion_rule():
     q, g, _, _ = clustered_features(9, 10, 30)
     q_g, q_q, g_g = -(q @ g.T), -(q @ q.T), -(g @ g.T)
-    paper = k_reciprocal_rerank(q_g, q_q, g_g, k1=6, k2=3)
+    paper = k_reciprocal_rerank(q_g, q_q, g_g, k1=6, k2=3, expansion="paper")
     released = k_reciprocal_rerank(q_g, q_q, g_g, k1=6, k2=3, expansion="released")
     np.testing.assert_allclose(released.numpy(), loop_rerank(q_g, q_q, g_g, 6, 3, expansion="released"), atol=2e-5)
+    np.testing.assert_allclose(paper.numpy(), loop_rerank(q_g, q_q, g_g, 6, 3, expansion="paper"), atol=2e-5)
     assert not np.allclose(paper.numpy(), released.numpy(), atol=1e-4)
+    # the default is the released rule
+    np.testing.assert_array_equal(k_reciprocal_rerank(q_g, q_q, g_g, k1=6, k2=3).numpy(), released.numpy())
+
+
+def test_evaluate_trials_dict_without_expansion_uses_released_rule():
+    """A re-rank dict that names no expansion rule re-ranks with the released one."""
+    q, g, q_pids, g_pids = clustered_features(9, 10, 30)
+    q_g, q_q, g_g = -(q @ g.T), -(q @ q.T), -(g @ g.T)
+    trials = [np.arange(30)]
+    figures = {}
+    for expansion in ("released", "paper"):
+        d = loop_rerank(q_g, q_q, g_g, 6, 3, 0.3, expansion=expansion)
+        figures[expansion] = evaluate(d, q_pids, g_pids, None, None, "regdb", max_rank=10)
+    # the two rules give different figures on this problem, so the check below can tell them apart
+    assert figures["released"]["mAP"] != pytest.approx(figures["paper"]["mAP"], abs=1e-6)
+    got = evaluate_trials(q_g, q_pids, g_pids, None, None, trials, "regdb", max_rank=10,
+                          rerank=dict(q_q=q_q, g_g=g_g, k1=6, k2=3, lambda_value=0.3))
+    assert got["per_trial"][0]["mAP"] == pytest.approx(figures["released"]["mAP"], abs=1e-6)
+    np.testing.assert_allclose(got["per_trial"][0]["cmc"], figures["released"]["cmc"], atol=1e-6)
+
+
+def test_float64_rerank_matches_loop_reference_closely():
+    q, g, _, _ = clustered_features(10, 9, 26)
+    sq = lambda a, b: ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)  # noqa: E731
+    q_g, q_q, g_g = sq(q, g), sq(q, q), sq(g, g)
+    got = k_reciprocal_rerank(q_g, q_q, g_g, k1=7, k2=3, dtype=torch.float64)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), loop_rerank(q_g, q_q, g_g, 7, 3), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="dtype"):
+        k_reciprocal_rerank(q_g, q_q, g_g, dtype=torch.float16)
 
 
 def test_small_memory_budget_gives_same_result():

@@ -174,7 +174,7 @@ def test_sysu_indoor_official_multishot_mix_flip_mean(work, tmp_path):
         expected = []
         for path in got:
             cam, pid = int(path.split(os.sep)[0][3:]), int(path.split(os.sep)[1])
-            perm = np.atleast_2d(cells[cam - 1][0][0, pid - 1])
+            perm = np.atleast_2d(cells[cam - 1][0][pid - 1, 0])
             expected.append(sorted(os.path.join("cam%d" % cam, "%04d" % pid, "%04d.jpg" % n)
                                    for n in perm[t][:10].astype(int)))
         assert all(p in e for p, e in zip(got, expected))
@@ -324,3 +324,80 @@ def test_non_finite_features_name_the_checkpoint(work, tmp_path):
     with pytest.raises(script.TestError, match=r"bad\.pth: \d+ query images have non-finite bn_orig features"):
         run("--dataset", "sysu", "--resume", bad, "--num-trials", "1", "--no-flip",
             "DATASET.ROOT", work["base"] / "sysu", *COMMON)
+
+
+def released_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
+    """k-reciprocal re-ranking as the re-ranking authors' released numpy code computes it, in
+    float64: it takes Euclidean distances, squares them, divides each row by its largest
+    value, and expands R(p, k1) by a candidate's R(g, round(k1/2)) when their intersection has
+    more than 2/3 of the candidate set's members."""
+    original = np.concatenate([np.concatenate([q_q, q_g], 1), np.concatenate([q_g.T, g_g], 1)], 0) ** 2
+    original = np.transpose(original / np.max(original, axis=0))
+    nq, n = q_g.shape[0], original.shape[0]
+    V = np.zeros((n, n))
+    initial_rank = np.argsort(original, axis=1, kind="stable")
+    half = int(np.around(k1 / 2.0))
+    for i in range(n):
+        forward = initial_rank[i, :k1 + 1]
+        backward = initial_rank[forward, :k1 + 1]
+        recip = forward[np.where(backward == i)[0]]
+        expansion = recip
+        for candidate in recip:
+            c_forward = initial_rank[candidate, :half + 1]
+            c_backward = initial_rank[c_forward, :half + 1]
+            c_recip = c_forward[np.where(c_backward == candidate)[0]]
+            if len(np.intersect1d(c_recip, recip)) > 2.0 / 3 * len(c_recip):
+                expansion = np.append(expansion, c_recip)
+        expansion = np.unique(expansion)
+        weight = np.exp(-original[i, expansion])
+        V[i, expansion] = weight / np.sum(weight)
+    original = original[:nq]
+    if k2 != 1:
+        V = np.stack([np.mean(V[initial_rank[i, :k2]], axis=0) for i in range(n)])
+    inv_index = [np.where(V[:, i] != 0)[0] for i in range(n)]
+    jaccard = np.zeros_like(original)
+    for i in range(nq):
+        temp_min = np.zeros(n)
+        nonzero = np.where(V[i] != 0)[0]
+        for j in nonzero:
+            temp_min[inv_index[j]] += np.minimum(V[i, j], V[inv_index[j], j])
+        jaccard[i] = 1 - temp_min / (2.0 - temp_min)
+    return (jaccard * (1 - lambda_value) + original * lambda_value)[:, nq:]
+
+
+def test_rerank_squared_euclidean_float64_against_released_numpy(work, tmp_path):
+    """test.py --rerank with the defaults (cosine ranking, flip-summed features of norms up to
+    2): every trial equals the released re-ranking of the Euclidean distances of the saved
+    features (the six sets concatenated), and the JSON records the float64 distances."""
+    feats, out = tmp_path / "feats", tmp_path / "rr.json"
+    run("--dataset", "sysu", "--resume", work["cmfn"], "--num-trials", "2", "--rerank",
+        "--save-features", feats, "--output", out, "DATASET.ROOT", work["base"] / "sysu",
+        "TEST.MAX_RANK", "5", *COMMON)
+    with open(out) as f:
+        saved = json.load(f)
+    s = saved["settings"]
+    assert s["distance"] == "cosine" and s["distance_dtype"] == "float64"
+    assert s["rerank"] == {"k1": 20, "k2": 6, "lambda": 0.3, "expansion": "released", "distance": "sqeuclidean"}
+    with open(feats / "split.json") as f:
+        meta = json.load(f)
+    assert meta["settings"]["distance_dtype"] == "float64"
+    q, g = stack(feats, "query"), stack(feats, "gallery")
+    norms = np.linalg.norm(np.load(feats / "query_bn_orig.npy").astype(np.float64), axis=1)
+    assert norms.max() > 1.5 and norms.max() <= 2 + 1e-5  # flip-summed: not unit norm
+    euclid = lambda a, b: np.sqrt(np.maximum(  # noqa: E731
+        (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0))
+    qp, qc = np.load(feats / "query_pids.npy"), np.load(feats / "query_camids.npy")
+    gp, gc = np.load(feats / "gallery_pids.npy"), np.load(feats / "gallery_camids.npy")
+    for t, cols in enumerate(meta["trials"]):
+        gt = g[cols]
+        d = released_rerank(euclid(q, gt), euclid(q, q), euclid(gt, gt))
+        ref = reference_evaluate(d, qp, gp[cols], qc, gc[cols], "sysu", max_rank=5, sort_kind="stable")
+        assert_trial_matches(saved["per_trial"][t], ref)
+    # without --rerank the JSON records float64 distances and no re-ranking
+    plain = run("--dataset", "sysu", "--resume", work["cmfn"], "--num-trials", "1", "--output", tmp_path / "p.json",
+                "DATASET.ROOT", work["base"] / "sysu", "TEST.MAX_RANK", "5", *COMMON)
+    assert plain["settings"]["distance_dtype"] == "float64" and plain["settings"]["rerank"] is False
+    single = run("--dataset", "sysu", "--resume", work["cmfn"], "--num-trials", "1", "--output", tmp_path / "s.json",
+                 "DATASET.ROOT", work["base"] / "sysu", "TEST.MAX_RANK", "5", "TEST.DISTANCE_DTYPE", "float32",
+                 *COMMON)
+    assert single["settings"]["distance_dtype"] == "float32"

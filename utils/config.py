@@ -124,8 +124,11 @@ _C.MODEL.BACKBONE = "resnet50"
 # Load ImageNet weights for the backbone.
 _C.MODEL.PRETRAINED = True
 # Local ImageNet weight file; empty means the torch hub cache (resnet50-19c8e357.pth /
-# resnet18-5c106cde.pth or the newer names) and otherwise a clear error.
+# resnet18-5c106cde.pth or the newer names), downloaded there when missing (MODEL.DOWNLOAD).
 _C.MODEL.PRETRAIN_PATH = ""
+# With PRETRAINED and no weight file in PRETRAIN_PATH or the hub cache, download torchvision's
+# file (SHA-256 prefix checked) into the hub cache; False never downloads (offline machines).
+_C.MODEL.DOWNLOAD = True
 # Stride of the last ResNet stage (1 as released by every hosted method).
 _C.MODEL.LAST_STRIDE = 1
 
@@ -290,6 +293,9 @@ _C.TEST.FEATURE = ""
 # "euclidean" or "sqeuclidean" (its square; released IV-REID, the same ranking as cosine on
 # unit features).
 _C.TEST.DISTANCE = "cosine"
+# Precision of test.py's distance matrix and re-ranking: "float64" (default; near ties below
+# float32 resolution keep their order) or "float32". The in-training evaluation uses float32.
+_C.TEST.DISTANCE_DTYPE = "float64"
 # k-reciprocal re-ranking (off as released) and its parameters.
 _C.TEST.RERANK = False
 _C.TEST.RERANK_K1 = 20
@@ -346,6 +352,7 @@ CHOICES = {
     "TEST.GALLERY": ("seeded", "official", "seeded_cam_major"),
     "TEST.FLIP_MODE": ("sum", "mean"),
     "TEST.DISTANCE": ("cosine", "euclidean", "sqeuclidean"),
+    "TEST.DISTANCE_DTYPE": ("float32", "float64"),
     "TEST.RERANK_EXPANSION": ("released", "paper"),
     "TEST.AMP": ("none", "bf16"),
 }

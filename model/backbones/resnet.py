@@ -180,6 +180,6 @@ def build_backbone(cfg, num_stages=4):
     """The backbone of ``cfg.MODEL`` with ImageNet weights when ``cfg.MODEL.PRETRAINED``."""
     backbone = DualStemResNet(cfg.MODEL.BACKBONE, cfg.MODEL.LAST_STRIDE, num_stages)
     if cfg.MODEL.PRETRAINED:
-        path = find_imagenet_weights(cfg.MODEL.BACKBONE, cfg.MODEL.PRETRAIN_PATH)
+        path = find_imagenet_weights(cfg.MODEL.BACKBONE, cfg.MODEL.PRETRAIN_PATH, download=cfg.MODEL.DOWNLOAD)
         backbone.load_imagenet(read_imagenet_weights(path), source=path)
     return backbone
