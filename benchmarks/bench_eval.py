@@ -12,9 +12,16 @@ keeps its fastest run: --repeat for the evaluator, --ref-repeat for the referenc
 Cases: SYSU all-search single-shot (3803 x 301) and multi-shot (3803 x 3010), RegDB
 (2060 x 2060), LLCM-like (8000 x 7000, at two noise levels) and Market-like (3368 x 15913),
 plus "sysu_10_trials": the metric part of a full SYSU evaluation, 10 single-shot trials
-sliced from one 3803 x (all candidates) matrix by evaluation.trials.evaluate_trials.
+sliced from one 3803 x (all candidates) matrix by evaluation.trials.evaluate_trials, and
+"random_llcm": an untrained model's ranking (uniform random distances, 4000 x 3500, LLCM
+protocol), where every match lies deep in its row.
 
-    python benchmarks/bench_eval.py [--quick] [--threads 1] [--repeat 3] [--ref-repeat 2]
+``--contended N`` then times the evaluator on "random_llcm" alone, first on the idle machine
+and then while N other processes keep cores busy (each spins for at most 5 minutes), in the
+same process, and reports the ratio and whether the outputs are identical. Run it with
+``--threads 2`` for torch's default pool on a 2-core machine.
+
+    python benchmarks/bench_eval.py [--quick] [--threads 1] [--repeat 3] [--ref-repeat 2] [--contended N]
 """
 import argparse
 import json
@@ -91,6 +98,11 @@ def make_case(name, scale, rng):
         q_cams, g_cams = rng.choice([1, 2, 4, 5, 6, 7, 8, 9], nq), rng.integers(1, 10, ng)
         noise = NOISE["llcm_hard" if name.endswith("hard") else "llcm"]
         return distance(rng, q_pids, g_pids, n_ids, noise), q_pids, g_pids, q_cams, g_cams, "llcm"
+    if name == "random_llcm":
+        nq, ng = int(4000 * scale), int(3500 * scale)
+        q_pids, g_pids = rng.integers(0, 351, nq), rng.integers(0, 351, ng)
+        q_cams, g_cams = rng.choice([1, 2, 4, 5, 6, 7, 8, 9], nq), rng.integers(1, 10, ng)
+        return rng.random((nq, ng), dtype=np.float32), q_pids, g_pids, q_cams, g_cams, "llcm"
     if name == "market_like":
         n_ids, nq, ng = 751, int(3368 * scale), int(15913 * scale)
         q_pids = rng.integers(0, n_ids, nq)
@@ -182,6 +194,35 @@ def run_sysu_trials(scale, repeat, ref_repeat, rng, n_trials=10):
     return out
 
 
+SPIN = "import time\nt = time.time()\nwhile time.time() - t < 300:\n    pass\n"
+
+
+def run_contended(scale, repeat, competitors, rng):
+    """Idle and contended times of the evaluator on random_llcm, measured in this process."""
+    import subprocess
+
+    dist, q_pids, g_pids, q_cams, g_cams, protocol = make_case("random_llcm", scale, rng)
+
+    def run():
+        return evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol)
+
+    run()
+    idle, t_idle, _ = timed(run, repeat)
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(competitors)]
+    try:
+        time.sleep(1.0)
+        busy, t_busy, _ = timed(run, repeat)
+        worst = max(timed(run, 1)[1] for _ in range(repeat))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return dict(name="random_llcm_contended", competitors=competitors, threads=torch.get_num_threads(),
+                idle_s=round(t_idle, 4), contended_best_s=round(t_busy, 4), contended_worst_s=round(worst, 4),
+                ratio_best=round(t_busy / t_idle, 2), ratio_worst=round(worst / t_idle, 2),
+                identical_outputs=bool(max_abs_diff(idle, busy) == 0.0))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="quarter-size problems (smoke run)")
@@ -191,8 +232,10 @@ def main(argv=None):
                         help="reference runs per case; the fastest is kept (a first run that touches "
                              "fresh memory can take twice as long)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contended", type=int, default=0, metavar="N",
+                        help="also time random_llcm idle and under N busy processes (ratio in the JSON)")
     parser.add_argument("--cases", default="sysu_single_shot,sysu_multi_shot,regdb,llcm_like,llcm_like_hard,"
-                                           "market_like,sysu_10_trials", help="comma-separated subset")
+                                           "market_like,random_llcm,sysu_10_trials", help="comma-separated subset")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     scale = 0.25 if args.quick else 1.0
@@ -203,6 +246,9 @@ def main(argv=None):
             results.append(run_sysu_trials(scale, args.repeat, args.ref_repeat, rng))
         else:
             results.append(run_case(name, scale, args.repeat, args.ref_repeat, rng))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    if args.contended:
+        results.append(run_contended(scale, args.repeat, args.contended, rng))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     report = dict(benchmark="bench_eval", quick=args.quick, threads=args.threads, repeat=args.repeat,
                   ref_repeat=args.ref_repeat, omp_num_threads=os.environ.get("OMP_NUM_THREADS"),

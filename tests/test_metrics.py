@@ -15,6 +15,7 @@ import torch
 from reference_eval import reference_evaluate
 from evaluation.distance import compute_distance
 from evaluation.trials import evaluate_trials, format_table
+from evaluation import metrics
 from evaluation.metrics import evaluate
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "eval_metrics.npz")
@@ -392,17 +393,45 @@ def test_compute_distance():
 # ------------------------------------------------------------------------- benchmark
 
 
+def test_evaluate_uses_one_cpu_thread_and_restores_the_callers():
+    rng = np.random.default_rng(3)
+    d = rng.random((40, 30))
+    qp, gp = rng.integers(0, 6, 40), rng.integers(0, 6, 30)
+    qc, gc = rng.integers(1, 10, 40), rng.integers(1, 10, 30)
+    before = torch.get_num_threads()
+    seen = []
+    original = metrics._evaluate
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return original(*args)
+
+    try:
+        torch.set_num_threads(2)
+        metrics._evaluate = spy
+        got = evaluate(d, qp, gp, qc, gc, "llcm")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        metrics._evaluate = original
+        torch.set_num_threads(before)
+    ref = reference_evaluate(d, qp, gp, qc, gc, "llcm", sort_kind="stable")
+    assert got["mAP"] == pytest.approx(float(ref["mAP"]), abs=1e-12)
+
+
 def test_bench_eval_runs_and_agrees_with_the_reference():
     """benchmarks/bench_eval.py --quick (smoke run; timings are not asserted)."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cases = "sysu_single_shot,llcm_like,market_like,sysu_10_trials"
+    cases = "sysu_single_shot,llcm_like,market_like,random_llcm,sysu_10_trials"
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_eval.py"), "--quick", "--cases",
-                          cases, "--repeat", "1", "--ref-repeat", "1"], capture_output=True, text=True, check=True)
+                          cases, "--repeat", "1", "--ref-repeat", "1", "--contended", "1"],
+                         capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
-    assert [c["name"] for c in report["cases"]] == cases.split(",")
+    assert [c["name"] for c in report["cases"]] == cases.split(",") + ["random_llcm_contended"]
+    contended = report["cases"].pop()
+    assert contended["identical_outputs"] and contended["competitors"] == 1 and contended["idle_s"] > 0
     for case in report["cases"]:
         assert case["identical_within_1e_6"], case
         assert case["evaluator_s"] > 0 and case["reference_s"] > 0
