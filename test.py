@@ -250,6 +250,7 @@ def main(argv=None):
     args = build_parser().parse_intermixed_args(argv)
     cfg = config_from_args(args, flag_overrides(args), check_feature=False)
     dataset_cls = DATASETS.get(cfg.DATASET.NAME)
+    dataset_cls.prepare(cfg)
     trials = dataset_cls.test_runs(cfg, args.trial)
     run_cfgs = [dataset_cls.trial_config(cfg, t) for t in trials]
     ckpt_paths = [checkpoint_for(args, c, t) for c, t in zip(run_cfgs, trials)]

@@ -56,7 +56,7 @@ def train_one_epoch(train_model, loader, criterion, optimizer, scheduler, amp, c
     window_images = 0
     for iteration in range(progress.iteration, total_iters):
         batch = to_device(next(batch_iter), ctx.device, memory_format)
-        scheduler.step(epoch, iteration)
+        scheduler.step(epoch, iteration, total_iters)
         lr = optimizer.param_groups[0]["lr"]
         with amp.autocast():
             outputs = train_model(batch["images"], batch["modality"], batch["camids"])

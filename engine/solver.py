@@ -119,8 +119,11 @@ class LRScheduler:
         """The lr of a full-rate (lr factor 1) group at (epoch, iteration)."""
         return self.base_lr * self.multiplier(epoch, iteration)
 
-    def step(self, epoch, iteration=0):
-        """Set the lrs of (epoch, iteration)."""
+    def step(self, epoch, iteration=0, iters_per_epoch=None):
+        """Set the lrs of (epoch, iteration); `iters_per_epoch` is this epoch's length when it
+        varies from epoch to epoch (the balanced and PK samplers end an epoch when the ids run out)."""
+        if iters_per_epoch:
+            self.iters_per_epoch = int(iters_per_epoch)
         multiplier = self.multiplier(epoch, iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * group.get("lr_factor", 1.0) * multiplier

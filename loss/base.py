@@ -37,7 +37,8 @@ class Criterion(nn.Module):
     def as_floats(values, total):
         """``{name: float}`` of 0-d tensors plus ``total``, with one device-to-host transfer."""
         names = list(values)
-        numbers = torch.stack([values[k].detach().float() for k in names] + [total.detach().float()]).tolist()
+        # float64 holds a float32 value exactly and keeps a float64 run's terms whole
+        numbers = torch.stack([values[k].detach().double() for k in names] + [total.detach().double()]).tolist()
         return dict(zip(names + ["total"], numbers))
 
 

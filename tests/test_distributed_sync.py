@@ -49,6 +49,13 @@ def _worker(rank, port, out_dir):
             with torch.no_grad():
                 param.copy_(original)
         verdicts["restored"] = parameters_in_sync(model, ctx)
+        # a float64 parameter one float64 ulp apart: below float32 precision
+        model.double()
+        with torch.no_grad():
+            if rank == 1:
+                params = list(model.parameters())
+                params[0][0, 0] = torch.nextafter(params[0][0, 0], torch.tensor(float("inf"), dtype=torch.float64))
+        verdicts["float64_ulp"] = parameters_in_sync(model, ctx)
         with open(os.path.join(out_dir, "rank%d.json" % rank), "w") as f:
             json.dump(verdicts, f)
     finally:
@@ -86,6 +93,10 @@ def test_equal_parameters_are_in_sync(verdicts):
 @pytest.mark.parametrize("case", sorted(CHANGES))
 def test_a_one_ulp_difference_on_one_rank_is_reported_by_every_rank(verdicts, case):
     assert [verdicts[rank][case] for rank in range(WORLD_SIZE)] == [False] * WORLD_SIZE
+
+
+def test_a_float64_ulp_below_float32_precision_is_reported(verdicts):
+    assert [verdicts[rank]["float64_ulp"] for rank in range(WORLD_SIZE)] == [False] * WORLD_SIZE
 
 
 def test_in_sync_again_once_restored(verdicts):

@@ -93,6 +93,15 @@ def _golden_criterion_inputs(golden):
     return outputs(feat, logits, orthogonality_loss(feat)), paired_batch(inputs["label1"], inputs["label2"])
 
 
+def test_logged_terms_keep_float64_precision():
+    from loss.base import Criterion
+
+    x = torch.tensor(1.0, dtype=torch.float64) + 2.0 ** -40
+    terms = Criterion.as_floats({"a": x, "b": torch.tensor(0.1, dtype=torch.float32)}, x * 2)
+    assert terms["a"] == 1.0 + 2.0 ** -40 and terms["total"] == 2.0 + 2.0 ** -39
+    assert terms["b"] == float(torch.tensor(0.1, dtype=torch.float32))
+
+
 def test_total_matches_golden(golden):
     cfg = get_default_config()
     cfg.LOSS.ID_WEIGHT = 0.0

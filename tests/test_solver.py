@@ -219,6 +219,20 @@ def test_per_iteration_schedule():
         assert scheduler.last == (epoch, iteration)
 
 
+def test_per_iteration_schedule_follows_the_length_of_each_epoch():
+    """Epochs of the balanced sampler differ in length: t = e + i / (this epoch's iterations)."""
+    cfg = _cfg("SOLVER.SCHEDULE_UNIT", "iteration")
+    optimizer = build_optimizer(cfg, ToyModel())
+    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch=4)
+    scheduler.step(2, 1, iters_per_epoch=5)
+    assert math.isclose(_groups(optimizer)["head"]["lr"], 0.1 * (2.2 + 0.2) / 10, rel_tol=1e-12)
+    state = scheduler.state_dict()
+    assert state["iters_per_epoch"] == 5
+    again = build_scheduler(cfg, build_optimizer(cfg, ToyModel()), iters_per_epoch=4)
+    again.load_state_dict(state)
+    assert math.isclose(again.lr_at(2, 1), 0.1 * (2.2 + 0.2) / 10, rel_tol=1e-12)
+
+
 def test_constant_schedule():
     cfg = _cfg("SOLVER.SCHEDULER", "constant", "SOLVER.WARMUP_EPOCHS", 4)
     optimizer = build_optimizer(cfg, ToyModel())
