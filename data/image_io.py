@@ -1,8 +1,9 @@
 """Image decoding shared by every dataset: open as RGB, resize, decode many in parallel.
 
 Resizing uses one of :data:`RESAMPLE` (``INPUT.RESIZE_FILTER``): ``lanczos`` (the released
-CMFN code, PIL's LANCZOS = the old ANTIALIAS) or ``bilinear`` (PIL's antialiased bilinear, the
-torchvision ``Resize`` default that IV-REID uses). ``decode_resized(paths, (W, H))`` returns a uint8 array [N, H, W, 3] (or fills a given one,
+CMFN code, PIL's LANCZOS = the old ANTIALIAS), ``bilinear`` (PIL's antialiased bilinear, the
+torchvision ``Resize`` default that IV-REID and FusionReID's test images use) or ``bicubic``
+(PIL's bicubic, FusionReID's training images). ``decode_resized(paths, (W, H))`` returns a uint8 array [N, H, W, 3] (or fills a given one,
 e.g. a memory-mapped .npy file). Decoding runs in a thread pool: Pillow releases the GIL
 while it decodes and resamples, so threads scale across cores without copying pixels between
 processes. A file that cannot be decoded raises one :class:`DatasetError` listing every bad
@@ -17,7 +18,7 @@ from PIL import Image
 from data.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
+RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # Images decoded per task: large enough to amortise scheduling, small enough to balance.
 _CHUNK = 64
 

@@ -21,8 +21,13 @@ gives each sampled pair its own generator seeded from (seed, epoch, position), s
 not depend on the number of workers or on earlier epochs); with ``None`` torch's global RNG
 is used.
 
-Test: PIL resize to SIZE_TEST (W, H) with INPUT.RESIZE_FILTER (LANCZOS for CMFN, bilinear for
-IV-REID), ToTensor, Normalize (no crop, no padding).
+   With INPUT.ERASE_STYLE ``torchvision`` the box follows torchvision's
+   ``RandomErasing(value="random")`` instead (FusionReID): log-uniform aspect ratio, at most 10
+   attempts, filled with per-pixel N(0, 1) noise.
+
+Test: PIL resize to SIZE_TEST (W, H) with INPUT.TEST_RESIZE_FILTER or else INPUT.RESIZE_FILTER
+(LANCZOS for CMFN, bilinear for IV-REID and FusionReID), ToTensor, Normalize (no crop, no
+padding).
 """
 import math
 
@@ -93,6 +98,28 @@ def random_erase(x, g, prob, area, ratio, fill):
     return x
 
 
+def random_erase_torchvision(x, g, prob, area, ratio):
+    """torchvision's RandomErasing(p, scale=area, ratio=(ratio, 1/ratio), value="random") in
+    place on a [C, H, W] float tensor, drawing from `g`."""
+    if prob <= 0 or _rand(g) >= prob:
+        return x
+    channels, height, width = x.shape
+    log_ratio = torch.log(torch.tensor((ratio, 1.0 / ratio)))
+    for _ in range(10):
+        # the draws, their float32 arithmetic and their order are torchvision's
+        target = height * width * torch.empty(1).uniform_(area[0], area[1], generator=g).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
+        h = int(round(math.sqrt(target * aspect)))
+        w = int(round(math.sqrt(target / aspect)))
+        if h < height and w < width:
+            noise = torch.empty((channels, h, w), dtype=torch.float32).normal_(generator=g)
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g))
+            x[:, top:top + h, left:left + w] = noise.to(x.dtype)
+            return x
+    return x
+
+
 def channel_exchange(x, g):
     """CAJ ChannelExchange(gray=2): replicate one random channel (0, 1 or 2) into all three."""
     idx = _randint(g, 0, 2)
@@ -126,6 +153,7 @@ class TrainTransform:
         self.mean = torch.tensor(inp.PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(inp.PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
         self.erase = (float(inp.ERASE_PROB), tuple(inp.ERASE_AREA), float(inp.ERASE_RATIO), tuple(inp.ERASE_FILL))
+        self.erase_style = inp.ERASE_STYLE
         self.channel_erase = float(inp.CHANNEL_ERASE)
         self.channel_exchange = float(inp.CHANNEL_EXCHANGE) if modality == "visible" else 0.0
         self.channel_adap_gray = float(inp.CHANNEL_ADAP_GRAY) if modality == "infrared" else 0.0
@@ -163,7 +191,10 @@ class TrainTransform:
         if _rand(g) < self.flip_prob:
             img = img.flip(-1)
         x = img.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
-        random_erase(x, g, *self.erase)
+        if self.erase_style == "torchvision":
+            random_erase_torchvision(x, g, *self.erase[:3])
+        else:
+            random_erase(x, g, *self.erase)
         if self.channel_erase > 0:
             random_erase(x, g, self.channel_erase, CAJ_ERASE_AREA, CAJ_ERASE_RATIO, CAJ_ERASE_FILL)
         if self.channel_exchange > 0 and _rand(g) < self.channel_exchange:
@@ -179,12 +210,13 @@ def build_train_transforms(cfg):
 
 
 class TestTransform:
-    """Path -> float32 [3, H, W]: PIL resize to SIZE_TEST (INPUT.RESIZE_FILTER), ToTensor, Normalize."""
+    """Path -> float32 [3, H, W]: PIL resize to SIZE_TEST (INPUT.TEST_RESIZE_FILTER, by default
+    INPUT.RESIZE_FILTER), ToTensor, Normalize."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, cfg):
-        self.resample = cfg.INPUT.RESIZE_FILTER
+        self.resample = cfg.INPUT.TEST_RESIZE_FILTER or cfg.INPUT.RESIZE_FILTER
         self.height, self.width = int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1])
         self.mean = torch.tensor(cfg.INPUT.PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(cfg.INPUT.PIXEL_STD, dtype=torch.float32).view(3, 1, 1)

@@ -12,7 +12,8 @@ middle of an epoch needs them.
 Mixed precision (``SOLVER.AMP``): ``none`` (fp32, released), ``bf16`` (autocast on CPU or
 GPU, no loss scaling) or ``fp16`` (CUDA only, autocast + ``torch.amp.GradScaler``). fp16 on
 a CPU raises :class:`~utils.config.ConfigError`: CPU fp16 kernels are slow or missing and
-loss scaling buys nothing there; bf16 is the CPU choice.
+loss scaling buys nothing there; bf16 is the CPU choice. ``auto`` picks fp16 on CUDA (the
+released FusionReID recipe) and bf16 elsewhere.
 """
 import math
 import os
@@ -107,8 +108,10 @@ class MixedPrecision:
     """
 
     def __init__(self, mode, device_type):
-        if mode not in ("none", "bf16", "fp16"):
-            raise ConfigError("SOLVER.AMP must be none, bf16 or fp16, got %r" % mode)
+        if mode not in ("none", "bf16", "fp16", "auto"):
+            raise ConfigError("SOLVER.AMP must be none, bf16, fp16 or auto, got %r" % mode)
+        if mode == "auto":
+            mode = "fp16" if device_type == "cuda" else "bf16"
         if mode == "fp16" and device_type != "cuda":
             raise ConfigError(
                 "SOLVER.AMP fp16 needs a CUDA device (autocast + GradScaler); on %s use SOLVER.AMP bf16 "

@@ -77,10 +77,13 @@ def _autocast(device, amp):
 
 
 @torch.no_grad()
-def extract_features(model, images, cfg, modality, device, flip=None, flip_mode=None, amp=None):
+def extract_features(model, images, cfg, modality, device, flip=None, flip_mode=None, amp=None, camids=None):
     """Embeddings of `images` (ImageList, list of paths, or a Dataset of (img, index) items).
 
-    `flip`, `flip_mode` and `amp` default to cfg.TEST.FLIP / FLIP_MODE / AMP. The model is put
+    `flip`, `flip_mode` and `amp` default to cfg.TEST.FLIP / FLIP_MODE / AMP. The images'
+    camera ids (`camids` [N], default ``images.camids`` of an ImageList) are passed to the model
+    as ``camids`` [B], as the released FusionReID evaluation does for its camera embedding;
+    models without one ignore them. The model is put
     in eval mode for the extraction and its previous mode is restored afterwards.
     Returns {set name: float32 CPU tensor [N, D]} in the model's ``embedding_sets`` order.
     """
@@ -101,17 +104,24 @@ def extract_features(model, images, cfg, modality, device, flip=None, flip_mode=
         pin_memory=device.type == "cuda",
     )
     n = len(dataset)
+    if camids is None:
+        camids = getattr(images, "camids", None)
+    if camids is not None:
+        camids = torch.as_tensor(np.asarray(camids), dtype=torch.int64).reshape(-1)
+        if len(camids) != n:
+            raise ValueError("%d camera ids for %d images" % (len(camids), n))
     out = None
     was_training = model.training
     model.eval()
     try:
         for imgs, index in loader:
             imgs = imgs.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                sets = model(imgs, modality=modality)
-                if flip:
-                    flipped = model(torch.flip(imgs, dims=[3]), modality=modality)
             index = index.long()
+            cams = None if camids is None else camids[index].to(device)
+            with _autocast(device, amp):
+                sets = model(imgs, modality=modality, camids=cams)
+                if flip:
+                    flipped = model(torch.flip(imgs, dims=[3]), modality=modality, camids=cams)
             for name, f in sets.items():
                 f = f.float()
                 if flip:
@@ -180,7 +190,8 @@ def extract_split_features(model, split, cfg, device, flip=None):
     used, trials = used_gallery_columns(split)
     gallery_paths = [split.gallery.paths[i] for i in used]
     qfeats = extract_features(model, split.query, cfg, split.query_modality, device, flip=flip)
-    gfeats = extract_features(model, gallery_paths, cfg, split.gallery_modality, device, flip=flip)
+    gfeats = extract_features(model, gallery_paths, cfg, split.gallery_modality, device, flip=flip,
+                              camids=split.gallery.camids[np.asarray(used, dtype=np.int64)])
     return qfeats, gfeats, used, trials
 
 

@@ -148,3 +148,23 @@ def test_unseeded_call_uses_torch_rng():
     a = t(_image())
     torch.manual_seed(0)
     assert torch.equal(a, t(_image()))
+
+
+def test_torchvision_style_erasing_equals_torchvision_random_erasing():
+    """INPUT.ERASE_STYLE torchvision (FusionReID) draws exactly what torchvision's
+    RandomErasing(value="random") draws from the same RNG state."""
+    from utils.compat import torchvision  # noqa: F401
+    from torchvision.transforms import RandomErasing
+
+    from data.transforms import random_erase_torchvision
+
+    reference = RandomErasing(p=0.5, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")
+    erased = 0
+    for seed in range(60):
+        x = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(1000 + seed))
+        torch.manual_seed(seed)
+        want = reference(x.clone())
+        got = random_erase_torchvision(x.clone(), torch.Generator().manual_seed(seed), 0.5, (0.02, 1 / 3), 0.3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        erased += not torch.equal(got, x)
+    assert 15 < erased < 45  # p = 0.5: both branches exercised

@@ -151,7 +151,7 @@ def test_bad_optimizer_settings_are_config_errors():
     with pytest.raises(ConfigError, match="SOLVER.BETAS"):
         build_optimizer(_cfg("SOLVER.OPTIMIZER", "adam", "SOLVER.BETAS", [0.9, 0.99, 0.9]), ToyModel())
     assert OPTIMIZERS.names() == ["adam", "adamw", "sgd"]
-    assert SCHEDULES.names() == ["constant", "cosine", "step"]
+    assert SCHEDULES.names() == ["constant", "cosine", "step", "warmup_cosine"]
 
 
 def test_released_step_schedule():
