@@ -7,7 +7,8 @@ llcm, demo) are imported on the first lookup.
 from utils.registry import Registry
 
 DATASETS = Registry("dataset", "DATASET.NAME", modules=(
-    "data.datasets.sysu", "data.datasets.regdb", "data.datasets.llcm", "data.datasets.demo"))
+    "data.datasets.sysu", "data.datasets.regdb", "data.datasets.llcm", "data.datasets.demo",
+    "data.datasets.market1501", "data.datasets.dukemtmc", "data.datasets.msmt17", "data.datasets.demo_market"))
 
 
 def get_dataset(cfg):

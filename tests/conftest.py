@@ -14,13 +14,18 @@ import os
 import pytest
 
 from data.synthetic import write_llcm, write_regdb, write_sysu
+from data.synthetic_market import write_duke, write_market, write_msmt17
 
 SMALL = {
     "sysu": dict(num_train=4, num_val=2, num_test=6, seed=0, images_per_cam=3),
     "regdb": dict(num_ids=6, seed=0, images_per_id=3),
     "llcm": dict(num_train=4, num_test=4, seed=0, images_per_cam=2),
+    "market": dict(num_train=4, num_test=4, seed=0, images_per_cam=2, num_distractors=2, num_junk=1),
+    "duke": dict(num_train=4, num_test=4, seed=0, images_per_cam=2, num_distractor_ids=1),
+    "msmt17": dict(num_train=4, num_test=4, seed=0, images_per_cam=2),
 }
-_WRITERS = {"sysu": write_sysu, "regdb": write_regdb, "llcm": write_llcm}
+_WRITERS = {"sysu": write_sysu, "regdb": write_regdb, "llcm": write_llcm, "market": write_market, "duke": write_duke,
+            "msmt17": write_msmt17}
 
 
 @pytest.fixture(scope="session")

@@ -217,27 +217,38 @@ def test_sampler_batches_collate_into_the_batch_layout(name):
         assert torch.equal(batch["pids"][:s.batch_size], batch["pids"][s.batch_size:])
 
 
-def _dataset_config(name, synthetic_root, tiny_demo_cfg):
+def _dataset_config(name, synthetic_root, tiny_demo_cfg, tmp_path_factory):
     if name == "demo":
         return tiny_demo_cfg
-    layouts = {"sysu": dict(preprocess=(16, 32)), "regdb": {}, "llcm": {}}
+    if name == "demo_market":
+        root = str(tmp_path_factory.mktemp("demo_market") / "demo_market")
+        cfg = build_config(None, opts=["DATASET.NAME", name, "DATASET.ROOT", root, "DATASET.DEMO_TRAIN_IDS", "4",
+                                       "DATASET.DEMO_TEST_IDS", "3", "INPUT.SIZE_TRAIN", "[32, 16]"])
+        DATASETS.get(name).prepare(cfg)
+        return cfg
+    layouts = {"sysu": ("sysu", dict(preprocess=(16, 32))), "regdb": ("regdb", {}), "llcm": ("llcm", {}),
+               "market1501": ("market", {}), "dukemtmc": ("duke", {}), "msmt17": ("msmt17", {})}
     if name not in layouts:
         pytest.fail("dataset %r has no synthetic layout in tests/test_contracts.py: add one" % name)
-    root = synthetic_root(name, **layouts[name])
-    return build_config(name, opts=["DATASET.ROOT", root, "INPUT.SIZE_TRAIN", "[32, 16]", "TEST.NUM_TRIALS", "2"])
+    layout, params = layouts[name]
+    root = synthetic_root(layout, **params)
+    if name in ("sysu", "regdb", "llcm"):
+        return build_config(name, opts=["DATASET.ROOT", root, "INPUT.SIZE_TRAIN", "[32, 16]", "TEST.NUM_TRIALS", "2"])
+    return build_config(None, opts=["DATASET.NAME", name, "DATASET.ROOT", root, "INPUT.SIZE_TRAIN", "[32, 16]"])
 
 
 @pytest.mark.parametrize("name", DATASETS.names())
-def test_dataset_contract(name, synthetic_root, tiny_demo_cfg):
-    cfg = _dataset_config(name, synthetic_root, tiny_demo_cfg)
+def test_dataset_contract(name, synthetic_root, tiny_demo_cfg, tmp_path_factory):
+    cfg = _dataset_config(name, synthetic_root, tiny_demo_cfg, tmp_path_factory)
     cls = DATASETS.get(name)
     ds = cls(cfg)
     h, w = cfg.INPUT.SIZE_TRAIN
     items = ds.train_items((w, h))
     assert len(items) > 0 and items.images[0].shape == (h, w, 3) and items.images[0].dtype == np.uint8
-    assert set(np.unique(items.modality)) == {0, 1}
+    modalities = set(np.unique(items.modality).tolist())
+    assert modalities in ({0, 1}, {0})  # visible-infrared, or visible only
     classes = np.arange(items.pids.max() + 1)
-    for m in (0, 1):
+    for m in modalities:
         assert np.array_equal(np.unique(items.pids[items.modality == m]), classes)
     assert isinstance(cls.run_name(cfg), str) and cls.run_name(cfg)
     assert all(isinstance(t, str) and t for t in cls.result_tags(cfg))
@@ -246,6 +257,9 @@ def test_dataset_contract(name, synthetic_root, tiny_demo_cfg):
     assert runs
     split = ds.test_split(cls.trial_config(cfg, runs[0]), runs[0])
     assert len(split.query) and len(split.gallery) and split.protocol in PROTOCOLS
-    assert split.query_modality != split.gallery_modality
+    if modalities == {0, 1}:
+        assert split.query_modality != split.gallery_modality
+    else:
+        assert split.query_modality == split.gallery_modality == "visible"
     for t in split.trials:
         assert len(t) and t.min() >= 0 and t.max() < len(split.gallery)

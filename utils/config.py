@@ -45,12 +45,16 @@ _C.DETERMINISTIC = False
 _C.DEVICE = "auto"
 
 _C.DATASET = CN()
-# Registered dataset name: sysu, regdb, llcm, or demo (a synthetic SYSU-layout dataset).
+# Registered dataset name: sysu, regdb, llcm, demo (a synthetic SYSU-layout dataset),
+# market1501, dukemtmc, msmt17, or demo_market (a synthetic Market-1501-layout dataset).
 _C.DATASET.NAME = "sysu"
 # Dataset root; relative paths are resolved against the current directory.
 _C.DATASET.ROOT = "datasets/SYSU-MM01"
 # RegDB trial (1..10) whose train/test lists are used; ignored by the other datasets.
 _C.DATASET.TRIAL = 1
+# Market-1501 / DukeMTMC-reID training labels: "set" (released: CPython set order of the pids
+# met in sorted file order; a bijection, not ascending for Duke) or "sorted" (rank of the pid).
+_C.DATASET.RELABEL = "set"
 # Number of training identities held out as a validation split (0 = none, as released).
 # Needed when SOLVER.SELECT_BY is "val".
 _C.DATASET.VAL_IDS = 0
@@ -63,10 +67,14 @@ _C.INPUT = CN()
 # Training crop size [H, W] (released: 384x192 SYSU, 384x144 RegDB/LLCM).
 _C.INPUT.SIZE_TRAIN = [384, 192]
 # Test resize [H, W] (the released CMFN test.py resized every dataset to 384x144).
-# Filter of every resize (training arrays, test images): "lanczos" (released CMFN) or
-# "bilinear" (PIL's antialiased bilinear, torchvision's Resize default; released IV-REID).
-# SYSU keeps one set of training arrays per filter.
+# Filter of every resize (training arrays, test images): "lanczos" (released CMFN),
+# "bilinear" (PIL's antialiased bilinear, torchvision's Resize default; released IV-REID) or
+# "bicubic" (released FusionReID's training images). SYSU keeps one set of training arrays per
+# filter.
 _C.INPUT.RESIZE_FILTER = "lanczos"
+# Filter of the test images when it differs from RESIZE_FILTER (released FusionReID: bicubic
+# for training, bilinear for testing); empty means RESIZE_FILTER.
+_C.INPUT.TEST_RESIZE_FILTER = ""
 _C.INPUT.SIZE_TEST = [384, 192]
 # ImageNet normalisation.
 _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
@@ -86,6 +94,11 @@ _C.INPUT.ERASE_PROB = 0.5
 _C.INPUT.ERASE_AREA = [0.2, 0.8]
 _C.INPUT.ERASE_RATIO = 0.3
 _C.INPUT.ERASE_FILL = [0.485, 0.456, 0.406]
+# How the erased box is drawn: "zhong" (the released CMFN/CAJ code: aspect ratio uniform in
+# [ERASE_RATIO, 1/ERASE_RATIO], up to 100 attempts, ERASE_FILL) or "torchvision" (torchvision's
+# RandomErasing(value="random") as released FusionReID: log-uniform aspect ratio, up to 10
+# attempts, per-pixel N(0, 1) noise; ERASE_FILL unused).
+_C.INPUT.ERASE_STYLE = "zhong"
 # CAJ channel augmentations (probabilities; 0 disables, the released default).
 # ChannelAdapGray on infrared images (probability of the gray branch).
 _C.INPUT.CHANNEL_ADAP_GRAY = 0.0
@@ -206,6 +219,16 @@ _C.LOSS.IVREID.KL_REDUCTION = "batchmean"
 # pre-BN pooled feature, as in the usual BNNeck recipe).
 _C.LOSS.IVREID.TRI_FEATURE = "feat"
 
+# FusionReID criterion: label-smoothed CE (LOSS.LABEL_SMOOTH, 0.1 in its presets) plus the
+# batch-hard triplet on each head, summed over the heads.
+_C.LOSS.FUSIONREID = CN()
+# Heads whose outputs logits_<name> and feat_<name> enter the sum, in the released order:
+# the ResNet and ViT backbone heads, the two LRU heads, the two HTM heads.
+_C.LOSS.FUSIONREID.HEADS = ["cnn", "vit", "lru_cnn", "lru_vit", "htm_cnn", "htm_vit"]
+# Soft-margin triplet log(1 + exp(d_ap - d_an)) (released); False uses the hinge with
+# LOSS.TRI_MARGIN.
+_C.LOSS.FUSIONREID.SOFT_MARGIN = True
+
 _C.SOLVER = CN()
 # Epochs (released: 151, e = 0..150).
 _C.SOLVER.MAX_EPOCHS = 151
@@ -228,7 +251,9 @@ _C.SOLVER.WEIGHT_DECAY = 5e-4
 # classifier, released 0.1; IV-REID: backbone, BNNeck and classifier, released 1).
 _C.SOLVER.BACKBONE_LR_FACTOR = 0.1
 # Registered schedule: "step" (warm-up, then GAMMA at each of STEPS; released CMFN), "cosine"
-# (after the same warm-up, down to 0 at MAX_EPOCHS) or "constant" (after the warm-up).
+# (after the same warm-up, down to 0 at MAX_EPOCHS), "constant" (after the warm-up) or
+# "warmup_cosine" (released FusionReID: from WARMUP_LR_INIT up to the group's lr, then a cosine
+# down to MIN_LR; formula in engine/solver.py).
 _C.SOLVER.SCHEDULER = "step"
 # When the schedule is evaluated: "epoch" (once at the start of each epoch, as released) or
 # "iteration" (before every step, at the fractional epoch e + i / iterations).
@@ -236,10 +261,20 @@ _C.SOLVER.SCHEDULE_UNIT = "epoch"
 # Linear warm-up epochs: lr * (e + 1) / WARMUP_EPOCHS for e < WARMUP_EPOCHS (per iteration:
 # (t + 1 / iterations) / WARMUP_EPOCHS at fractional epoch t).
 _C.SOLVER.WARMUP_EPOCHS = 10
+# warmup_cosine only (timm's CosineLRScheduler as FusionReID uses it): the absolute lr the
+# warm-up starts from and the floor of the cosine, the same for every group (released FusionReID
+# 0.01 x and 0.002 x BASE_LR = 5e-5 and 1e-5).
+_C.SOLVER.WARMUP_LR_INIT = 5e-5
+_C.SOLVER.MIN_LR = 1e-5
+# Parameters whose name contains "bias": lr factor and weight decay (released FusionReID: 2 and
+# 1e-4); only models that declare a bias group (FusionReID) read these.
+_C.SOLVER.BIAS_LR_FACTOR = 2.0
+_C.SOLVER.WEIGHT_DECAY_BIAS = 1e-4
 # Step schedule: multiply by GAMMA at each of these epochs.
 _C.SOLVER.STEPS = [20, 80]
 _C.SOLVER.GAMMA = 0.1
-# Mixed precision: "none" (fp32, released), "bf16" (CPU or GPU) or "fp16" (GPU, GradScaler).
+# Mixed precision: "none" (fp32, released CMFN), "bf16" (CPU or GPU), "fp16" (GPU, GradScaler)
+# or "auto" (fp16 with GradScaler on CUDA as released FusionReID, bf16 on CPU).
 _C.SOLVER.AMP = "none"
 # channels_last memory format for the model and the inputs.
 _C.SOLVER.CHANNELS_LAST = False
@@ -335,7 +370,10 @@ _RENAMED_NODES = {"MODEL.FIX": "MODEL.CMFN.FIX"}
 # DATASET.NAME, DATALOADER.SAMPLER, SOLVER.OPTIMIZER, SOLVER.SCHEDULER) and TEST.FEATURE (the
 # model's presets) are checked against their registries by :func:`validate_config`.
 CHOICES = {
-    "INPUT.RESIZE_FILTER": ("lanczos", "bilinear"),
+    "DATASET.RELABEL": ("set", "sorted"),
+    "INPUT.RESIZE_FILTER": ("lanczos", "bilinear", "bicubic"),
+    "INPUT.TEST_RESIZE_FILTER": ("", "lanczos", "bilinear", "bicubic"),
+    "INPUT.ERASE_STYLE": ("zhong", "torchvision"),
     "MODEL.BACKBONE": ("resnet50", "resnet18"),
     "MODEL.LAST_STRIDE": (1, 2),
     "MODEL.CMFN.MBUE_AFTER": ("layer3", "layer2"),
@@ -343,7 +381,7 @@ CHOICES = {
     "LOSS.IVREID.TRI_FEATURE": ("feat", "pool"),
     "DATALOADER.BALANCED_ORDER": ("seeded", "reference"),
     "SOLVER.SCHEDULE_UNIT": ("epoch", "iteration"),
-    "SOLVER.AMP": ("none", "bf16", "fp16"),
+    "SOLVER.AMP": ("none", "bf16", "fp16", "auto"),
     "SOLVER.COMPILE_BACKEND": ("inductor", "aot_eager"),
     "SOLVER.BEST_METRIC": ("rank1", "mAP", "mINP"),
     "SOLVER.SELECT_BY": ("test", "val", "last"),

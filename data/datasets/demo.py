@@ -7,6 +7,8 @@ training arrays at INPUT.SIZE_TRAIN. It is idempotent: an up-to-date root costs 
 calls. A new tree is generated in a temporary sibling folder and renamed into place, so
 concurrent first uses never see a half-written dataset (the loser discards its copy). A
 root that exists but is not a demo tree (no ``synthetic.json``) is never overwritten.
+:func:`ensure_generated` is that install logic for any generated layout (the
+``demo_market`` dataset uses it too).
 """
 import json
 import os
@@ -45,15 +47,14 @@ def _matches(root, params):
     return info is not None and all(info.get(k) == v for k, v in params.items())
 
 
-def ensure_demo_dataset(cfg, workers=None):
-    """Generate/refresh the demo dataset under cfg.DATASET.ROOT; returns the root."""
-    root = os.path.abspath(cfg.DATASET.ROOT)
-    params = demo_params(cfg)
-    if params["train"] < 1 or params["test"] < 1:
-        raise ConfigError("DATASET.DEMO_TRAIN_IDS must be >= 2 and DEMO_TEST_IDS >= 1 (got %d, %d)"
-                          % (cfg.DATASET.DEMO_TRAIN_IDS, cfg.DATASET.DEMO_TEST_IDS))
-    height, width = int(cfg.INPUT.SIZE_TRAIN[0]), int(cfg.INPUT.SIZE_TRAIN[1])
-    workers = workers or default_workers()
+def ensure_generated(root, params, generate):
+    """Make `root` hold the generated tree whose manifest records `params`; returns `root`.
+
+    `generate(folder)` writes the tree (manifest included) into an empty folder, which is
+    then renamed onto `root` (module docstring: atomic, concurrent-safe, never overwriting
+    a folder without a manifest). Nothing happens when the manifest already matches.
+    """
+    root = os.path.abspath(root)
     if not _matches(root, params):
         if os.path.isdir(root) and os.listdir(root) and _manifest(root) is None:
             raise DatasetError("%s exists and is not a generated demo dataset (no %s); refusing to overwrite it. "
@@ -65,11 +66,28 @@ def ensure_demo_dataset(cfg, workers=None):
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would stick to the final root
         try:
-            write_sysu(tmp, params["train"], params["val"], params["test"], params["seed"], IMAGES_PER_CAM, workers)
-            preprocess_sysu(tmp, (width, height), workers=workers, progress=False, resample=cfg.INPUT.RESIZE_FILTER)
+            generate(tmp)
             _install(tmp, root, params)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def ensure_demo_dataset(cfg, workers=None):
+    """Generate/refresh the demo dataset under cfg.DATASET.ROOT; returns the root."""
+    root = os.path.abspath(cfg.DATASET.ROOT)
+    params = demo_params(cfg)
+    if params["train"] < 1 or params["test"] < 1:
+        raise ConfigError("DATASET.DEMO_TRAIN_IDS must be >= 2 and DEMO_TEST_IDS >= 1 (got %d, %d)"
+                          % (cfg.DATASET.DEMO_TRAIN_IDS, cfg.DATASET.DEMO_TEST_IDS))
+    height, width = int(cfg.INPUT.SIZE_TRAIN[0]), int(cfg.INPUT.SIZE_TRAIN[1])
+    workers = workers or default_workers()
+
+    def generate(folder):
+        write_sysu(folder, params["train"], params["val"], params["test"], params["seed"], IMAGES_PER_CAM, workers)
+        preprocess_sysu(folder, (width, height), workers=workers, progress=False, resample=cfg.INPUT.RESIZE_FILTER)
+
+    ensure_generated(root, params, generate)
     preprocess_sysu(root, (width, height), workers=workers, progress=False, resample=cfg.INPUT.RESIZE_FILTER)
     return root
 
