@@ -6,4 +6,5 @@ contract of :mod:`data.samplers.base`.
 from utils.registry import Registry
 
 SAMPLERS = Registry("sampler", "DATALOADER.SAMPLER", modules=(
-    "data.samplers.cross_modality", "data.samplers.balanced", "data.samplers.pk"))
+    "data.samplers.cross_modality", "data.samplers.balanced", "data.samplers.pk",
+    "data.samplers.multiple_gallery"))
