@@ -110,6 +110,11 @@ def _greedy(similarity, capacity):
     second = similarity.copy()
     second[:, counts != 0] = _MASKED
     run(second, lambda: len(col_to_rows) == n_cols, False)
+    if len(col_to_rows) != n_cols:
+        # pass 2 can fill a column up to the capacity before every column has a partner, and
+        # then run out of rows (the released loop would not end)
+        raise MatchingError("cluster matching: pass 2 leaves %d of %d clusters without a partner (capacity %d)"
+                            % (n_cols - len(col_to_rows), n_cols, capacity))
     return row_to_col, col_to_rows, counts
 
 

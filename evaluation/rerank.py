@@ -38,16 +38,22 @@ Queries and gallery form one pool of n = nq + ng items with the joint distance m
    over all n pool items i.
 7. Result: (1 - lambda) d_J + lambda d, query rows and gallery columns.
 
+Steps 2, 3, 5 and the overlap sums of step 6 are the k-reciprocal core shared with the
+clustering step of the unsupervised pipeline (evaluation.kreciprocal); the normalisation of
+step 1, the kernel of step 4, the union of step 6 and step 7 are this function's own.
+
 Memory. Apart from the three input matrices, the dense temporaries are blocks of
 ``chunk`` rows of the joint matrix (``chunk x n`` values, chunk chosen so that about
 ``4 x itemsize x chunk x n <= memory_mb``, itemsize 4 for float32 and 8 for float64) and the
-Jaccard accumulation pairs (at most ``memory_mb / (36 + itemsize) bytes`` at a time). The
+Jaccard accumulation pairs (about 64 bytes each, at most ``memory_mb`` of them at a time). The
 weights V are sparse: at most
 n x (k1 + 1)(round(k1/2) + 2) entries, and k2 times that after query expansion, instead of
 the n x n dense matrix of the authors' code.
 """
 import numpy as np
 import torch
+
+from evaluation.kreciprocal import SparseRows, expanded_sets, overlap_blocks, query_expansion
 
 DEFAULT_MEMORY_MB = 256
 
@@ -89,106 +95,33 @@ class _JointDistance:
         return (self.raw_rows(s, e) - self.shift) / self.span[s:e, None]
 
 
-def _reciprocal(nbr, k, step):
-    """Mask [n, k+1] over nbr[:, :k+1]: whether row p is also among its neighbour's k+1."""
-    n = nbr.shape[0]
-    out = torch.empty(n, k + 1, dtype=torch.bool, device=nbr.device)
-    for s in range(0, n, step):
-        rows = torch.arange(s, min(s + step, n), device=nbr.device)
-        back = nbr[nbr[rows, :k + 1], :k + 1]
-        out[rows] = (back == rows[:, None, None]).any(-1)
-    return out
-
-
-def _coalesce(rows, cols, vals, n):
-    """Sum duplicate (row, col) entries; returns them sorted by row, then column."""
-    key, inverse = torch.unique(rows * n + cols, sorted=True, return_inverse=True)
-    summed = torch.zeros(len(key), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals)
-    return torch.div(key, n, rounding_mode="floor"), key % n, summed
-
-
-def _expanded_weights(joint, nbr, k1, step, expansion):
-    """Sparse V (steps 2-4): (row, col, weight) entries, sorted by row, then column."""
-    n, dev = joint.n, nbr.device
-    kh = int(round(k1 / 2))
-    recip = _reciprocal(nbr, k1, step)
-    recip_half = _reciprocal(nbr, kh, step)
-    rows_out, cols_out, vals_out = [], [], []
-    for s in range(0, n, step):
+def _weights(joint, nbr, k1, step, expansion):
+    """Sparse V (steps 2-4): exp(-d) over each expanded set, normalised to sum 1 per row."""
+    n = joint.n
+    rows, cols = expanded_sets(nbr, k1, expansion, step)
+    starts = torch.searchsorted(rows, torch.arange(0, n + step, step, device=rows.device).clamp(max=n))
+    vals = []
+    for b, s in enumerate(range(0, n, step)):
         e = min(s + step, n)
-        c = e - s
-        local = torch.arange(c, device=dev)
-        cand = nbr[s:e, :k1 + 1]
-        in_r = recip[s:e]
-        member = torch.zeros(c, n, dtype=torch.bool, device=dev)
-        member[local[:, None].expand_as(cand)[in_r], cand[in_r]] = True
-        half = nbr[cand, :kh + 1]
-        half_in = recip_half[cand] & in_r[:, :, None]
-        shared = (member.gather(1, half.reshape(c, -1)).view_as(half) & half_in).sum(-1)
-        size = half_in.sum(-1)
-        if expansion == "paper":
-            accept = in_r & (3 * shared >= 2 * size)
-        else:
-            accept = in_r & (shared.double() > (2.0 / 3) * size.double())
-        grow = half_in & accept[:, :, None]
-        member[local[:, None, None].expand_as(half)[grow], half[grow]] = True
-        r, col = member.nonzero().unbind(1)
+        lo, hi = int(starts[b]), int(starts[b + 1])
+        r, col = rows[lo:hi] - s, cols[lo:hi]
         w = torch.exp(-joint.rows(s, e)[r, col])
-        w = w / torch.zeros(c, dtype=w.dtype, device=dev).index_add_(0, r, w)[r]
-        rows_out.append(r + s)
-        cols_out.append(col)
-        vals_out.append(w)
-    return torch.cat(rows_out), torch.cat(cols_out), torch.cat(vals_out)
+        vals.append(w / torch.zeros(e - s, dtype=w.dtype, device=w.device).index_add_(0, r, w)[r])
+    return SparseRows(rows, cols, torch.cat(vals), n, n)
 
 
-def _query_expansion(rows, cols, vals, nbr, k2, n):
-    """V_p <- mean of V_g over p's k2 nearest (step 5), for every pool item p."""
-    if k2 <= 1:
-        return rows, cols, vals
-    counts = torch.bincount(rows, minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-    src = nbr[:, :k2].reshape(-1)
-    dst = torch.arange(n, device=nbr.device).repeat_interleave(k2)
-    size = counts[src]
-    entry = torch.repeat_interleave(torch.arange(len(src), device=nbr.device), size)
-    pos = starts[src][entry] + torch.arange(len(entry), device=nbr.device) - (torch.cumsum(size, 0) - size)[entry]
-    return _coalesce(dst[entry], cols[pos], vals[pos] / k2, n)
-
-
-def _jaccard(rows, cols, vals, nq, n, pair_budget):
+def _jaccard(v, nq, budget, itemsize):
     """d_J between query pool items (rows < nq) and gallery pool items (rows >= nq) (step 6)."""
-    dev = vals.device
-    ng = n - nq
-    row_sum = torch.zeros(n, dtype=vals.dtype, device=dev).index_add_(0, rows, vals)
-    gal = rows >= nq
-    g_rows, g_cols, g_vals = rows[gal] - nq, cols[gal], vals[gal]
-    order = torch.sort(g_cols, stable=True).indices
-    g_rows, g_vals = g_rows[order], g_vals[order]
-    col_count = torch.bincount(g_cols, minlength=n)
-    col_start = torch.cumsum(col_count, 0) - col_count
-
-    qmask = rows < nq
-    q_rows, q_cols, q_vals = rows[qmask], cols[qmask], vals[qmask]
-    pairs = col_count[q_cols]
-    pairs_per_row = torch.zeros(nq, dtype=torch.int64, device=dev).index_add_(0, q_rows, pairs)
-    entry_start = torch.cumsum(torch.bincount(q_rows, minlength=nq), 0)
-    overlap = torch.zeros(nq, ng, dtype=vals.dtype, device=dev)
-    s = 0
-    while s < nq:
-        # The largest block of query rows whose pairs fit the budget (at least one row).
-        cum = torch.cumsum(pairs_per_row[s:], 0)
-        e = s + max(1, int((cum <= pair_budget).sum()))
-        a = int(entry_start[s - 1]) if s else 0
-        b = int(entry_start[e - 1])
-        size = pairs[a:b]
-        entry = torch.repeat_interleave(torch.arange(a, b, device=dev), size)
-        offset = torch.arange(len(entry), device=dev) - (torch.cumsum(size, 0) - size)[entry - a]
-        pos = col_start[q_cols[entry]] + offset
-        contrib = torch.minimum(q_vals[entry], g_vals[pos])
-        overlap.view(-1).index_add_(0, q_rows[entry] * ng + g_rows[pos], contrib)
-        s = e
+    n = v.n_rows
+    row_sum = torch.zeros(n, dtype=v.vals.dtype, device=v.vals.device).index_add_(0, v.rows, v.vals)
+    q, g = v.rows < nq, v.rows >= nq
+    queries = SparseRows(v.rows[q], v.cols[q], v.vals[q], nq, n)
+    gallery = SparseRows(v.rows[g] - nq, v.cols[g], v.vals[g], n - nq, n)
+    overlap = torch.empty(nq, n - nq, dtype=v.vals.dtype, device=v.vals.device)
+    for s, e, _, block in overlap_blocks(queries, gallery, max(1, budget // 64), budget // itemsize):
+        overlap[s:e] = block
     union = row_sum[:nq, None] + row_sum[None, nq:] - overlap
-    return 1 - overlap / union.clamp(min=torch.finfo(vals.dtype).tiny)
+    return 1 - overlap / union.clamp(min=torch.finfo(v.vals.dtype).tiny)
 
 
 def k_reciprocal_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion="released",
@@ -232,8 +165,8 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, expansion=
     for s in range(0, n, step):
         e = min(s + step, n)
         nbr[s:e] = torch.topk(joint.rows(s, e), width, dim=1, largest=False, sorted=True).indices
-    rows, cols, vals = _expanded_weights(joint, nbr, k1, step, expansion)
-    rows, cols, vals = _query_expansion(rows, cols, vals, nbr, k2, n)
-    jaccard = _jaccard(rows, cols, vals, nq, n, max(1, budget // (36 + itemsize)))
+    v = _weights(joint, nbr, k1, step, expansion)
+    v = query_expansion(v, nbr, k2, max(1, budget // 40))
+    jaccard = _jaccard(v, nq, budget, itemsize)
     original = (q_g - joint.shift) / joint.span[:nq, None]
     return (1 - float(lambda_value)) * jaccard + float(lambda_value) * original
