@@ -9,13 +9,18 @@ Examples::
     python test.py --dataset regdb --trial all --resume 'ckpts/trial{trial}.pth'
     python test.py --dataset llcm --direction vis2ir --resume CKPT TEST.FEATURE mix
     python test.py --method ivreid --dataset sysu --resume runs/ivreid_sysu/best.pth
+    python test.py --method tokenmatcher --dataset sysu --resume runs/tokenmatcher_sysu/best.pth
+    python test.py --method tokenmatcher --dataset regdb --trial all  # runs/tokenmatcher_regdb_trial{1..10}/best.pth
 
 The model (its MODEL.* config and weights) comes from the checkpoint; the dataset and test
 settings come from the command line (--method/--dataset/--config, the flags below, then
 trailing KEY VALUE overrides). The embedding (TEST.FEATURE) is one of the model's presets,
 by default the model's own. Query features and the features of every gallery image any trial
 uses are extracted once; each trial is a column subset of one distance matrix
-(evaluation.embeddings.evaluate_features).
+(evaluation.embeddings.evaluate_features). TokenMatcher / CMAG checkpoints (train_usl.py's,
+or released ones converted with tools/convert_official_checkpoint.py --method tokenmatcher|cmag)
+are tested with the released protocol of their preset: 384x128 LANCZOS, the raw descriptors of
+an image and its mirror averaged, then L2-normalised (TEST.FLIP_MODE average_raw).
 
 Output: the table (per trial with --verbose) and a JSON file with every figure (fractions
 0..1) and the exact protocol, default ``<checkpoint dir>/test_<dataset>_<protocol tags>.json``.
@@ -61,7 +66,7 @@ def build_parser():
     parser.add_argument("--trial", help="RegDB trial 1..10 (DATASET.TRIAL) or 'all'")
     parser.add_argument("--num-trials", type=int, help="SYSU/LLCM gallery trials (TEST.NUM_TRIALS)")
     parser.add_argument("--feature", help="embedding preset of the model used for ranking (TEST.FEATURE; CMFN: "
-                        "sum6, mix, orig, pool, bn; IV-REID: bn, pool)")
+                        "sum6, mix, orig, pool, bn; IV-REID: bn, pool; TokenMatcher: feat)")
     parser.add_argument("--distance", choices=CHOICES["TEST.DISTANCE"], help="TEST.DISTANCE")
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (TEST.RERANK)")
     parser.add_argument("--no-flip", action="store_true", help="no flip TTA (TEST.FLIP False)")
@@ -141,8 +146,10 @@ def default_output_path(cfg, dataset_cls, default_embedding, ckpt_paths, trials)
 def protocol_settings(cfg, model):
     t = cfg.TEST
     preset = t.FEATURE or type(model).default_embedding
+    label = getattr(model, "method_label", "")
     return {
         "method": cfg.METHOD,
+        **({"method_label": label} if label else {}),
         "dataset": cfg.DATASET.NAME,
         "root": cfg.DATASET.ROOT,
         "mode": t.MODE,
@@ -211,7 +218,8 @@ def run_split(model, split, cfg, device, ckpt_path):
     """Extract the split's features once and evaluate every gallery trial."""
     weights = embedding_weights(model, cfg.TEST.FEATURE)
     t0 = time.time()
-    qfeats, gfeats, used, trials = extract_split_features(model, split, cfg, device)
+    qfeats, gfeats, used, trials = extract_split_features(model, split, cfg, device,
+                                                          keep={name for name, _ in weights})
     t1 = time.time()
     for side, feats in (("query", qfeats), ("gallery", gfeats)):
         for name, f in feats.items():

@@ -33,7 +33,7 @@ from engine.state import Progress, make_state, restore_state, save_last
 from engine.training import (GracefulStop, MixedPrecision, check_finite_state, configure_determinism, seed_epoch,
                              seed_everything)
 from utils.config import add_config_arguments, get_default_config, is_config_key
-from utils.errors import UserError, run_cli
+from utils.errors import ConfigError, UserError, run_cli
 from utils.io import save_text
 from utils.logger import TensorboardWriter, close_logger, setup_logger
 
@@ -62,6 +62,7 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
     from data.registry import DATASETS
     from loss import build_criterion, check_outputs
     from model import build_model
+    from model.registry import MODELS
 
     run_dir, resuming = cfg.OUTPUT_DIR, resume_ckpt is not None
     check_run_dir(run_dir, resume=resuming, overwrite=args.overwrite)
@@ -72,7 +73,9 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
     metrics_path = os.path.join(run_dir, METRICS_FILE)
     try:
         logger.info("command: %s", " ".join(sys.argv))
-        logger.info("method %s on %s; run directory %s%s; device %s, %d process(es)%s", cfg.METHOD, cfg.DATASET.NAME,
+        label = getattr(MODELS.get(cfg.MODEL.NAME), "method_label", "")
+        logger.info("method %s on %s; run directory %s%s; device %s, %d process(es)%s",
+                    cfg.METHOD + (" = " + label if label else ""), cfg.DATASET.NAME,
                     run_dir, " (overwrote %d files of an earlier run)" % len(removed) if removed else "",
                     ctx.device, ctx.world_size, " (%s)" % ctx.backend if ctx.distributed else "")
         logger.info("config (non-default keys): %s", "; ".join(config_differences(get_default_config(), cfg))
@@ -198,10 +201,21 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
         close_logger(logger)
 
 
+def check_supervised(cfg):
+    """ConfigError for a model that trains without labels (no criterion of this script fits it)."""
+    from model.registry import MODELS
+
+    if not getattr(MODELS.get(cfg.MODEL.NAME), "supervised", True):
+        raise ConfigError("MODEL.NAME %s trains without labels, through the clustering loop of train_usl.py: run "
+                          "python train_usl.py --method %s --dataset %s" % (cfg.MODEL.NAME, cfg.METHOD,
+                                                                           cfg.DATASET.NAME))
+
+
 def main(argv=None):
     """Train; returns the exit code (0, or 128 + signal after a graceful stop)."""
     args = parse_args(argv)
     cfg, resume_ckpt, resume_path, notes = resolve_run_config(args)
+    check_supervised(cfg)
     ctx = init_distributed(cfg.DEVICE)
     try:
         check_run_config(cfg, ctx)

@@ -39,6 +39,8 @@ def evaluate(model, splits, cfg, device, epoch, logger, tb, metrics_path):
         start = time.perf_counter()
         mean = evaluate_split(model, split, cfg, device, flip=False)["mean"]
         record = {"epoch": int(epoch), "split": name}
+        if getattr(model, "method_label", ""):
+            record["method_label"] = model.method_label
         record.update({k: float(mean[k]) if k in mean else None for k in SCALARS})  # rank20 needs MAX_RANK 20
         record.update(info)
         record.update({"feature": feature, "flip": False, "num_query": len(split.query)})

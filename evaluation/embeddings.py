@@ -8,7 +8,9 @@ set. With flip TTA (TEST.FLIP) every image is also run mirrored on the width axi
 normalised outputs are summed (TEST.FLIP_MODE "sum", the released CMFN: norm up to 2, not
 renormalised) or averaged and L2-normalised again ("mean", as CAJ does; each set then has unit
 norm, which changes the weighting between the sets and so the rankings of the combined
-embeddings).
+embeddings). "average_raw" (released TokenMatcher / CMAG) averages the *unnormalised*
+descriptors of the image and of its mirror and then L2-normalises: the model provides them
+through ``embed(images, modality) -> [N, D]``, the raw form of its single embedding set.
 
 :func:`distance_from_features` turns query and gallery features into a distance matrix
 [nq, ng] (smaller = closer) for an embedding preset of the model (TEST.FEATURE; each model
@@ -45,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from engine.distributed import unwrap_model
 from utils.errors import ConfigError
 
-FLIP_MODES = ("sum", "mean")
+FLIP_MODES = ("sum", "mean", "average_raw")
 
 
 def embedding_weights(model, preset=""):
@@ -68,6 +70,18 @@ def _as_dataset(images, cfg):
     return TestImageDataset(list(getattr(images, "paths", images)), cfg)
 
 
+def _raw_descriptor(model):
+    """The model's unnormalised descriptor ``embed(images, modality)`` and the name of its single
+    embedding set, for TEST.FLIP_MODE average_raw."""
+    inner = unwrap_model(model)
+    sets = type(inner).embedding_sets
+    if not callable(getattr(inner, "embed", None)) or len(sets) != 1:
+        raise ConfigError("TEST.FLIP_MODE average_raw needs a model with one embedding set and an unnormalised "
+                          "embed(images, modality) descriptor (TokenMatcher / CMAG); the %s model has none: use "
+                          "sum or mean" % type(inner).__name__)
+    return inner.embed, sets[0]
+
+
 def _autocast(device, amp):
     if amp == "none":
         return torch.autocast(device.type, enabled=False)
@@ -77,13 +91,15 @@ def _autocast(device, amp):
 
 
 @torch.no_grad()
-def extract_features(model, images, cfg, modality, device, flip=None, flip_mode=None, amp=None, camids=None):
+def extract_features(model, images, cfg, modality, device, flip=None, flip_mode=None, amp=None, camids=None,
+                     keep=None):
     """Embeddings of `images` (ImageList, list of paths, or a Dataset of (img, index) items).
 
     `flip`, `flip_mode` and `amp` default to cfg.TEST.FLIP / FLIP_MODE / AMP. The images'
     camera ids (`camids` [N], default ``images.camids`` of an ImageList) are passed to the model
     as ``camids`` [B], as the released FusionReID evaluation does for its camera embedding;
-    models without one ignore them. The model is put
+    models without one ignore them. `keep`: the set names to keep (default all), so that the
+    features of a large gallery hold only what the ranking uses. The model is put
     in eval mode for the extraction and its previous mode is restored afterwards.
     Returns {set name: float32 CPU tensor [N, D]} in the model's ``embedding_sets`` order.
     """
@@ -111,6 +127,7 @@ def extract_features(model, images, cfg, modality, device, flip=None, flip_mode=
         if len(camids) != n:
             raise ValueError("%d camera ids for %d images" % (len(camids), n))
     out = None
+    raw = _raw_descriptor(model) if flip and flip_mode == "average_raw" else None
     was_training = model.training
     model.eval()
     try:
@@ -119,12 +136,19 @@ def extract_features(model, images, cfg, modality, device, flip=None, flip_mode=
             index = index.long()
             cams = None if camids is None else camids[index].to(device)
             with _autocast(device, amp):
-                sets = model(imgs, modality=modality, camids=cams)
-                if flip:
-                    flipped = model(torch.flip(imgs, dims=[3]), modality=modality, camids=cams)
+                if raw is not None:
+                    embed, name = raw
+                    mean = (embed(imgs, modality).float() + embed(torch.flip(imgs, dims=[3]), modality).float()) / 2
+                    sets = {name: F.normalize(mean, dim=1)}
+                else:
+                    sets = model(imgs, modality=modality, camids=cams)
+                    if flip:
+                        flipped = model(torch.flip(imgs, dims=[3]), modality=modality, camids=cams)
             for name, f in sets.items():
+                if keep is not None and name not in keep:
+                    continue
                 f = f.float()
-                if flip:
+                if flip and raw is None:
                     f = f + flipped[name].float()
                     if flip_mode == "mean":
                         f = F.normalize(f, dim=1)
@@ -181,17 +205,18 @@ def used_gallery_columns(split):
     return used, [position[t] for t in trials]
 
 
-def extract_split_features(model, split, cfg, device, flip=None):
-    """Features of the query images and of the gallery images any trial uses.
+def extract_split_features(model, split, cfg, device, flip=None, keep=None):
+    """Features of the query images and of the gallery images any trial uses (only the sets
+    `keep`, when given).
 
     Returns (qfeats, gfeats, used, trials): `used` indexes split.gallery, `trials` index the
     rows of gfeats.
     """
     used, trials = used_gallery_columns(split)
     gallery_paths = [split.gallery.paths[i] for i in used]
-    qfeats = extract_features(model, split.query, cfg, split.query_modality, device, flip=flip)
+    qfeats = extract_features(model, split.query, cfg, split.query_modality, device, flip=flip, keep=keep)
     gfeats = extract_features(model, gallery_paths, cfg, split.gallery_modality, device, flip=flip,
-                              camids=split.gallery.camids[np.asarray(used, dtype=np.int64)])
+                              camids=split.gallery.camids[np.asarray(used, dtype=np.int64)], keep=keep)
     return qfeats, gfeats, used, trials
 
 
@@ -251,7 +276,8 @@ def evaluate_split(model, split, cfg, device, flip=None, feature=None, dtype="fl
     cfg.TEST.DISTANCE_DTYPE, test.py's float64 default).
     """
     weights = embedding_weights(model, cfg.TEST.FEATURE if feature is None else feature)
-    qfeats, gfeats, used, trials = extract_split_features(model, split, cfg, device, flip=flip)
+    qfeats, gfeats, used, trials = extract_split_features(model, split, cfg, device, flip=flip,
+                                                          keep={name for name, _ in weights})
     result = evaluate_features(qfeats, gfeats, split, cfg, weights, used, trials, device=device, dtype=dtype)
     result.pop("distmat")
     return result

@@ -6,4 +6,5 @@ register their classes when imported.
 """
 from utils.registry import Registry
 
-MODELS = Registry("model", "MODEL.NAME", modules=("model.cmfn.cmfn", "model.cmfn.baseline", "model.ivreid"))
+MODELS = Registry("model", "MODEL.NAME", modules=("model.cmfn.cmfn", "model.cmfn.baseline", "model.ivreid",
+                                                        "model.fusionreid.fusionreid", "model.tokenmatcher.encoder"))

@@ -2,7 +2,8 @@
 tested here without anyone writing a test for it.
 
 * models: a tiny build; a train forward giving exactly ``train_outputs``; every registered
-  criterion that fits it, with a backward pass; parameter groups that hold each trainable
+  criterion that fits it, with a backward pass (a model trained without labels, ``supervised =
+  False``, has no criterion: its train outputs get a backward pass of their own); parameter groups that hold each trainable
   tensor once; an eval forward giving ``embedding_sets`` of unit rows and presets over them;
   a checkpoint round trip through ``load_model`` giving the same embeddings;
 * criteria: each fits at least one registered model, and a model lacking an output it needs
@@ -35,9 +36,21 @@ NUM_CLASSES = 5
 B = 4  # pairs per training batch: 4 visible + 4 infrared images
 
 
+# Per-model settings that make the tiny build small (models not listed need none).
+TINY_MODEL_OPTS = {
+    **{name: {"MODEL.FUSIONREID.VIT_EMBED_DIM": 32, "MODEL.FUSIONREID.VIT_DEPTH": 1, "MODEL.FUSIONREID.VIT_NUM_HEADS": 2,
+              "MODEL.FUSIONREID.MIX_DIM": 32, "MODEL.FUSIONREID.HTM_LAYER": 1, "MODEL.FUSIONREID.HTM_NUM_HEADS": 2,
+              "MODEL.FUSIONREID.NUM_CAMERAS": 6} for name in ("fusionreid", "fusionreid_vi")},
+    "tokenmatcher": {"MODEL.TOKENMATCHER.EMBED_DIM": 32, "MODEL.TOKENMATCHER.DEPTH": 2,
+                     "MODEL.TOKENMATCHER.NUM_HEADS": 2, "MODEL.TOKENMATCHER.STEM_WIDTH": 8,
+                     "MODEL.TOKENMATCHER.NUM_TOKENS": 3, "MODEL.TOKENMATCHER.GHOST_BATCHES": 2},
+}
+
+
 def tiny_config(model_name, **extra):
     opts = {"MODEL.NAME": model_name, "MODEL.BACKBONE": "resnet18", "MODEL.PRETRAINED": False,
             "INPUT.SIZE_TRAIN": "[64, 32]", "INPUT.SIZE_TEST": "[64, 32]"}
+    opts.update(TINY_MODEL_OPTS.get(model_name, {}))
     opts.update(extra)
     return build_config(opts=[str(x) for kv in opts.items() for x in kv], validate=False)
 
@@ -66,6 +79,16 @@ def test_model_train_forward_criteria_and_backward(built):
     model.train()
     batch = paired_batch()
     criteria = fitting(type(model))
+    if not getattr(type(model), "supervised", True):
+        assert not criteria, "%s trains without labels, yet criteria %s fit it" % (type(model).__name__, criteria)
+        model.zero_grad(set_to_none=True)
+        outputs = model(batch["images"], batch["modality"], batch["camids"])
+        assert set(outputs) == set(type(model).train_outputs)
+        sum(v.float().pow(2).mean() for v in outputs.values()).backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert all(g is None or torch.isfinite(g).all() for g in grads)
+        return
     assert criteria, "no registered criterion fits the outputs of %s" % type(model).__name__
     for name in criteria:
         model.zero_grad(set_to_none=True)
@@ -103,7 +126,7 @@ def test_model_eval_embeddings_and_presets(built):
     model.eval()
     with torch.no_grad():
         for modality in ("visible", "infrared"):
-            sets = model(paired_batch()["images"][:3], modality=modality)
+            sets = model(paired_batch()["images"][:3], modality=modality, camids=torch.tensor([1, 2, 3]))
             assert list(sets) == list(cls.embedding_sets)
             for f in sets.values():
                 assert f.shape[0] == 3 and torch.allclose(f.norm(dim=1), torch.ones(3), atol=1e-5)
@@ -120,7 +143,8 @@ def test_model_checkpoint_round_trip(built, tmp_path):
     model.eval()
     x = paired_batch()["images"][:2]
     with torch.no_grad():
-        a, b = model(x, modality="infrared"), loaded(x, modality="infrared")
+        cams = torch.arange(len(x)) % 3 + 1
+        a, b = model(x, modality="infrared", camids=cams), loaded(x, modality="infrared", camids=cams)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -410,7 +410,7 @@ def test_evaluate_split_keeps_float32_by_default(monkeypatch):
     split, (q, g) = _NearTieSplit(), near_tie_features()
     monkeypatch.setattr(emb, "embedding_weights", lambda model, preset: [("a", 1.0)])
     monkeypatch.setattr(emb, "extract_split_features",
-                        lambda model, split, cfg, device, flip=None: (q, g, np.arange(2), [np.arange(2)]))
+                        lambda model, split, cfg, device, flip=None, keep=None: (q, g, np.arange(2), [np.arange(2)]))
     cfg = make_cfg("TEST.MAX_RANK", "2")
     assert emb.evaluate_split(None, split, cfg, "cpu")["per_trial"][0]["rank1"] == 0.0
     assert emb.evaluate_split(None, split, cfg, "cpu", dtype="float64")["per_trial"][0]["rank1"] == 1.0

@@ -2,6 +2,8 @@
 
     python tools/convert_official_checkpoint.py SRC DST --dataset sysu|regdb|llcm [--num-classes N]
     python tools/convert_official_checkpoint.py SRC DST --method ivreid --dataset sysu|regdb [--fold-conv-bias]
+    python tools/convert_official_checkpoint.py SRC DST --method tokenmatcher|cmag --dataset sysu|regdb [KEY VALUE ...]
+    python tools/convert_official_checkpoint.py SRC DST --method fusionreid --dataset market1501|dukemtmc|msmt17 [KEY VALUE ...]
 
 SRC is what the released training scripts saved with ``torch.save``: a dict with the
 state dict under ``net`` (plus values such as epoch, mAP, cmc), or a bare state dict; keys
@@ -28,6 +30,26 @@ classifiers, which the IV-REID code never saves, are freshly initialised from th
 SEED so that DST loads strictly and can be trained further. ``--fold-conv-bias`` builds the model with
 ``MODEL.IVREID.CONV_BIAS False`` and folds each conv bias into the next BN's running mean
 (the same eval-mode function).
+
+``--method tokenmatcher`` / ``--method cmag``: SRC is a ``model_best.pth.tar`` of the released
+TokenMatcher or CMAG code (``{'state_dict', 'epoch', 'best_mAP'}``, ``module.`` prefixes;
+``best_mAP`` a numpy scalar), read with ``weights_only=True`` allowing only numpy's float-scalar
+globals, so nothing in the file runs (:mod:`model.tokenmatcher.convert`). CMAG's released
+checkpoints hold exactly TokenMatcher's encoder (its training-time modules are not saved). The
+encoder's K, depth, width, stem width and patch size are read off the file; DST holds it with
+the config of ``configs/tokenmatcher/<dataset>.yaml`` (METHOD set to --method, PRETRAINED off)
+and trailing ``KEY VALUE`` overrides (e.g. the input size or head count of a non-reference
+encoder), for ``model.load_model(DST)`` and ``test.py --method tokenmatcher``.
+
+``--method fusionreid``: SRC is a ``FusionReID_<epoch>.pth`` of the released FusionReID code, a
+bare ``model.state_dict()`` (``module.`` prefixes allowed; also accepted under ``state_dict`` or
+``model``), read with ``weights_only=True``. Its keys (the layout of
+tests/golden/fusionreid/state_dict_keys.txt) are renamed onto this project's modules
+(:func:`model.fusionreid.convert.convert_state_dict`); the ViT's ``fc``, which the released
+model never calls, is dropped; a key that maps nowhere is an error. The number of classes and
+of cameras (the SIE table) are read off the file; DST holds the model with the config of
+``configs/fusionreid/<dataset>.yaml`` (PRETRAINED off) and trailing ``KEY VALUE`` overrides (e.g.
+the sizes of a non-reference model), for ``test.py --method fusionreid``.
 """
 import argparse
 import importlib
@@ -44,12 +66,18 @@ from model import build_model  # noqa: E402
 from model.cmfn.cmfn import convert_released_state_dict, released_convert_options  # noqa: E402
 from engine.checkpoint import file_sha256, make_checkpoint, save_checkpoint  # noqa: E402
 from model.ivreid_convert import convert_reference_state, load_reference_state_dict, reference_num_classes  # noqa: E402
+from model.fusionreid.convert import convert_state_dict as convert_fusionreid_state_dict  # noqa: E402
+from model.tokenmatcher.convert import convert_state_dict, load_released_encoder, read_released_checkpoint  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
-DATASETS = ("sysu", "regdb", "llcm")
-METHODS = ("cmfn", "ivreid")
+CMFN_DATASETS = ("sysu", "regdb", "llcm")
+DATASETS = CMFN_DATASETS + ("market1501", "dukemtmc", "msmt17", "demo_market")
+METHODS = ("cmfn", "ivreid", "tokenmatcher", "cmag", "fusionreid")
+FUSIONREID_DATASETS = ("market1501", "dukemtmc", "msmt17", "demo_market")
+OVERRIDABLE = ("tokenmatcher", "cmag", "fusionreid")
 IVREID_DATASETS = ("sysu", "regdb")
+TOKENMATCHER_DATASETS = ("sysu", "regdb")
 # numpy's pickle reconstructors for arrays and scalars: they rebuild plain numeric data only.
 NUMPY_GLOBALS = {
     "numpy.dtype",
@@ -229,12 +257,101 @@ def convert_ivreid(src, dst, dataset, num_classes=None, fold_conv_bias=False, lo
     return meta
 
 
+def _encoder_geometry(mapped, info):
+    """MODEL.TOKENMATCHER overrides for the encoder of a converted state dict."""
+    stem = mapped["stems.visible.conv.0.weight"]
+    proj = mapped["stems.visible.proj.weight"]
+    values = {"NUM_TOKENS": info["num_tokens"], "DEPTH": info["depth"], "EMBED_DIM": info["embed_dim"],
+              "STEM_WIDTH": int(stem.shape[0]), "PATCH_SIZE": 2 * int(proj.shape[-1])}
+    return [x for key, value in values.items() for x in ("MODEL.TOKENMATCHER." + key, str(value))]
+
+
+def convert_tokenmatcher(src, dst, dataset, method="tokenmatcher", opts=(), log=print):
+    """Convert a released TokenMatcher / CMAG `src` to `dst`; returns the summary dict also printed through `log`."""
+    if dataset not in TOKENMATCHER_DATASETS:
+        raise ConversionFailed("--method %s: --dataset must be one of %s, got %r"
+                               % (method, ", ".join(TOKENMATCHER_DATASETS), dataset))
+    try:
+        released = read_released_checkpoint(src)
+        mapped, info = convert_state_dict(released["state_dict"])
+        cfg = build_config(dataset, method="tokenmatcher", opts=["METHOD", method, "MODEL.PRETRAINED", "False"]
+                           + _encoder_geometry(mapped, info) + list(opts))
+        model = build_model(cfg, 1)
+        info = load_released_encoder(model, src)
+    except UserError as exc:  # the message names the file or key
+        raise ConversionFailed(str(exc)) from None
+    meta = {
+        "converted_from": os.path.basename(src),
+        "source_sha256": file_sha256(src),
+        "released_tensors": len(released["state_dict"]),
+        "mapped_tensors": len(mapped),
+        "dropped_tensors": len(info["dropped"]),
+        "released_epoch": info["epoch"],
+        "released_best_mAP": info["best_mAP"],
+    }
+    save_checkpoint(dst, make_checkpoint(model.state_dict(), cfg, 1, meta=meta))
+    log("read %d tensors from %s (%s, %s, K=%d tokens, depth %d, width %d)" % (
+        len(released["state_dict"]), src, method, dataset, info["num_tokens"], info["depth"], info["embed_dim"]))
+    log("mapped %d tensors onto the encoder; dropped %d that the released model never runs (its original last "
+        "block and norm, the unused BatchNorm template)" % (len(mapped), len(info["dropped"])))
+    if info["epoch"] is not None:
+        log("released epoch %s, best mAP %s" % (info["epoch"], info["best_mAP"]))
+    log("wrote %s" % dst)
+    return meta
+
+
+def convert_fusionreid(src, dst, dataset, opts=(), log=print):
+    """Convert a released FusionReID state dict `src` to `dst`; returns the summary dict also printed through `log`."""
+    if dataset not in FUSIONREID_DATASETS:
+        raise ConversionFailed("--method fusionreid: --dataset must be one of %s, got %r"
+                               % (", ".join(FUSIONREID_DATASETS), dataset))
+    try:
+        loaded = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler's messages name the offending global
+        raise ConversionFailed("cannot read %s as a state dict of tensors (torch.load weights_only=True): %s"
+                               % (src, exc)) from None
+    if isinstance(loaded, dict):
+        loaded = loaded.get("state_dict", loaded.get("model", loaded))
+    if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise ConversionFailed("%s does not hold a FusionReID state dict (a dict of tensors)" % src)
+    state, report = convert_fusionreid_state_dict(loaded)
+    if report["unmapped"]:
+        raise ConversionFailed("%s: %d keys are not FusionReID keys: %s%s" % (
+            src, len(report["unmapped"]), ", ".join(report["unmapped"][:6]), " ..." if len(report["unmapped"]) > 6
+            else ""))
+    if "heads.cnn.classifier.weight" not in state:
+        raise ConversionFailed("%s has no resnet.classifier.weight: not a FusionReID training checkpoint" % src)
+    num_classes = int(state["heads.cnn.classifier.weight"].shape[0])
+    cameras = int(state["vit.sie_embed"].shape[0]) if "vit.sie_embed" in state else 0
+    cfg = build_config(dataset, method="fusionreid", opts=["MODEL.PRETRAINED", "False", "MODEL.FUSIONREID.NUM_CAMERAS",
+                                                           str(cameras)] + list(opts))
+    model = build_model(cfg, num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConversionFailed("%s does not fit the %s FusionReID model (override its sizes with KEY VALUE): %s%s" % (
+            src, dataset, "missing " + ", ".join(missing[:6]) if missing else "",
+            "; unexpected " + ", ".join(unexpected[:6]) if unexpected else ""))
+    meta = {"converted_from": os.path.basename(src), "source_sha256": file_sha256(src),
+            "released_tensors": len(loaded), "mapped_tensors": report["converted"],
+            "dropped_tensors": len(report["dropped"])}
+    save_checkpoint(dst, make_checkpoint(model.state_dict(), cfg, num_classes, meta=meta))
+    log("read %d tensors from %s (FusionReID, %s, %d classes, %d cameras)" % (len(loaded), src, dataset, num_classes,
+                                                                             cameras))
+    log("mapped %d tensors onto the model; dropped %d that the released model never uses (%s)" % (
+        report["converted"], len(report["dropped"]), ", ".join(report["dropped"])))
+    log("wrote %s" % dst)
+    return meta
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="checkpoint saved by the released code (.t / .pth)")
     parser.add_argument("dst", help="output checkpoint of this project")
     parser.add_argument("--method", default="cmfn", choices=METHODS, help="code that saved SRC (default cmfn)")
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="configuration the model was trained in")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                        help="tokenmatcher/cmag/fusionreid: config overrides of DST's model (e.g. INPUT.SIZE_TRAIN "
+                             "[64,32])")
     parser.add_argument("--num-classes", type=int, help="expected classifier size (checked against SRC)")
     parser.add_argument(
         "--unsafe-load", action="store_true",
@@ -244,13 +361,27 @@ def main(argv=None):
         "--fold-conv-bias", action="store_true",
         help="ivreid: a model without conv biases (MODEL.IVREID.CONV_BIAS False), biases folded into the BNs",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.opts and args.method not in OVERRIDABLE:
+        parser.error("KEY VALUE overrides apply to --method %s" % ", ".join(OVERRIDABLE))
+    if args.method == "fusionreid" and (args.unsafe_load or args.fold_conv_bias or args.num_classes):
+        parser.error("--unsafe-load, --fold-conv-bias and --num-classes do not apply to --method fusionreid (the "
+                     "file is read with weights_only=True; classes and cameras are read off it)")
+    if args.method in ("tokenmatcher", "cmag") and (args.unsafe_load or args.fold_conv_bias or args.num_classes):
+        parser.error("--unsafe-load, --fold-conv-bias and --num-classes do not apply to --method %s (the file is read "
+                     "without unpickling code; the encoder has no classifier)" % args.method)
     if args.method == "ivreid" and args.unsafe_load:
         parser.error("--unsafe-load applies to --method cmfn; IV-REID files are read by a restricted unpickler")
+    if args.method == "cmfn" and args.dataset not in CMFN_DATASETS:
+        parser.error("--method cmfn: --dataset must be one of %s" % ", ".join(CMFN_DATASETS))
     if args.method == "cmfn" and args.fold_conv_bias:
         parser.error("--fold-conv-bias applies to --method ivreid")
     try:
-        if args.method == "ivreid":
+        if args.method == "fusionreid":
+            convert_fusionreid(args.src, args.dst, args.dataset, args.opts)
+        elif args.method in ("tokenmatcher", "cmag"):
+            convert_tokenmatcher(args.src, args.dst, args.dataset, args.method, args.opts)
+        elif args.method == "ivreid":
             convert_ivreid(args.src, args.dst, args.dataset, args.num_classes, args.fold_conv_bias)
         else:
             convert(args.src, args.dst, args.dataset, args.num_classes, args.unsafe_load)

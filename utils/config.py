@@ -130,7 +130,7 @@ _C.DATALOADER.PERSISTENT_WORKERS = True
 
 _C.MODEL = CN()
 # Registered model name (model/registry.py): cmfn, baseline (CMFN without its modules),
-# ivreid.
+# ivreid, fusionreid, fusionreid_vi, tokenmatcher.
 _C.MODEL.NAME = "cmfn"
 # resnet50 (released) or resnet18 (fast CPU runs; the other module widths follow).
 _C.MODEL.BACKBONE = "resnet50"
@@ -184,8 +184,44 @@ _C.MODEL.IVREID.AUX_DIM = 512
 # Learning-rate factor of the two auxiliary classifiers (released: 10 x BASE_LR).
 _C.MODEL.IVREID.AUX_LR_FACTOR = 10.0
 
+# FusionReID: ResNet-50 (TransReID stem) + overlapping-patch ViT-B/16, fused by the LRUs and the
+# HTM; six BNNeck heads. Defaults are the released values.
+_C.MODEL.FUSIONREID = CN()
+# Rows of the ViT camera table (SIE): the training cameras (Market 6, Duke 8, MSMT17 15); 0 or 1
+# builds no table. Test images use their own camera's row.
+_C.MODEL.FUSIONREID.NUM_CAMERAS = 0
+# Camera side information on (only with NUM_CAMERAS > 1) and its coefficient (released 3.0).
+_C.MODEL.FUSIONREID.SIE_CAMERA = True
+_C.MODEL.FUSIONREID.SIE_COE = 3.0
+# ViT patch kernel and stride (12: overlapping patches, a 21x10 grid at 256x128).
+_C.MODEL.FUSIONREID.PATCH_SIZE = 16
+_C.MODEL.FUSIONREID.STRIDE_SIZE = 12
+# ViT width, depth and heads (ViT-B: 768, 12, 12; small values for CPU demos).
+_C.MODEL.FUSIONREID.VIT_EMBED_DIM = 768
+_C.MODEL.FUSIONREID.VIT_DEPTH = 12
+_C.MODEL.FUSIONREID.VIT_NUM_HEADS = 12
+# ViT stochastic depth, rising linearly from 0 to this value over the blocks.
+_C.MODEL.FUSIONREID.DROP_PATH = 0.1
+# ViT ImageNet file (timm layout, e.g. jx_vit_base_p16_224-80ecf9dd.pth); empty looks in the
+# torch hub cache. Never downloaded. Read with MODEL.PRETRAINED (the ResNet uses PRETRAIN_PATH).
+_C.MODEL.FUSIONREID.VIT_PRETRAIN_PATH = ""
+# Put back the ResNet stem ReLU and 3x3/2 max-pool (False as released: no ReLU, 2x2 max-pool).
+_C.MODEL.FUSIONREID.STANDARD_STEM = False
+# Width of the LRU outputs and of the HTM (released 768), HTM layers (2) and their heads (12).
+_C.MODEL.FUSIONREID.MIX_DIM = 768
+_C.MODEL.FUSIONREID.HTM_LAYER = 2
+_C.MODEL.FUSIONREID.HTM_NUM_HEADS = 12
+# fusionreid_vi only (FusionReID-VI, a project extension, not a reproduction): what the SIE table
+# is indexed by ("camera", "modality" or "camera_modality"), whether the CNN stem and the ViT
+# patch embedding are shared by the two modalities or one per modality ("shared" or
+# "modality"), and the number of the first camera of the VI datasets (1).
+_C.MODEL.FUSIONREID.VI_SIE = "camera"
+_C.MODEL.FUSIONREID.VI_CNN_STEM = "shared"
+_C.MODEL.FUSIONREID.VI_VIT_STEM = "shared"
+_C.MODEL.FUSIONREID.VI_CAMERA_BASE = 1
+
 _C.LOSS = CN()
-# Registered criterion (loss/registry.py): cmfn (also trains the baseline), ivreid.
+# Registered criterion (loss/registry.py): cmfn (also trains the baseline), ivreid, fusionreid.
 _C.LOSS.NAME = "cmfn"
 # Identity cross-entropy weight and label smoothing (released: 1.0, no smoothing).
 _C.LOSS.ID_WEIGHT = 1.0
@@ -316,7 +352,9 @@ _C.TEST.SHOTS = 1
 # Number of gallery trials (SYSU, LLCM) averaged in the report.
 _C.TEST.NUM_TRIALS = 10
 # Horizontal-flip test-time augmentation, and how the two L2-normalised outputs combine:
-# "sum" (released, not renormalised) or "mean" (averaged and L2-normalised again, as CAJ).
+# "sum" (released, not renormalised) or "mean" (averaged and L2-normalised again, as CAJ);
+# "average_raw" averages the model's unnormalised descriptors of the image and of its mirror
+# and then L2-normalises (released TokenMatcher / CMAG; models with an ``embed`` method).
 _C.TEST.FLIP = True
 _C.TEST.FLIP_MODE = "sum"
 # Embedding preset used for ranking, one of the model's (``embedding_presets``); empty means
@@ -348,6 +386,181 @@ _C.TEST.AMP = "none"
 # CMC length.
 _C.TEST.MAX_RANK = 20
 
+# --- Unsupervised training (train_usl.py): the TokenMatcher encoder and the USL recipe.
+# Defaults are the released TokenMatcher SYSU-MM01 recipe; configs/tokenmatcher/*.yaml hold
+# the presets (RegDB values there).
+# The TokenMatcher / CMAG encoder: a ViT with K class tokens and one conv stem per modality;
+# its input size is INPUT.SIZE_TRAIN (= INPUT.SIZE_TEST, released 384x128).
+_C.MODEL.TOKENMATCHER = CN()
+# K, the class tokens (released 4 on SYSU, 6 on RegDB); the descriptor has K * EMBED_DIM values.
+_C.MODEL.TOKENMATCHER.NUM_TOKENS = 4
+# Token width E (768), number of blocks D (12, the last one run as a copy), attention heads (12)
+# and MLP expansion ratio (4.0) of the ViT-B/16 layout.
+_C.MODEL.TOKENMATCHER.EMBED_DIM = 768
+_C.MODEL.TOKENMATCHER.DEPTH = 12
+_C.MODEL.TOKENMATCHER.NUM_HEADS = 12
+_C.MODEL.TOKENMATCHER.MLP_RATIO = 4.0
+# Channels of the conv stems (64) and the patch size they stand in for (16: a 24x8 grid at 384x128).
+_C.MODEL.TOKENMATCHER.STEM_WIDTH = 64
+_C.MODEL.TOKENMATCHER.PATCH_SIZE = 16
+# Stochastic depth of the last block (linearly increasing over the blocks; released 0.3).
+_C.MODEL.TOKENMATCHER.DROP_PATH = 0.3
+# Ghost BatchNorm groups in training: the released 4-GPU DataParallel normalises each quarter of
+# the batch on its own (4); 1 normalises the whole batch (use 1 when DDP already splits it).
+_C.MODEL.TOKENMATCHER.GHOST_BATCHES = 4
+# Height / width ratio of the pretraining grid the TransReID-SSL position embedding is resized
+# from (released 2: 16x8 patches of a 256x128 input).
+_C.MODEL.TOKENMATCHER.PRETRAIN_HW_RATIO = 2
+
+_C.USL = CN()
+# Training-image pipelines per stage (data/usl_transforms.py).
+_C.USL.INPUT = CN()
+# Crop size [H, W] of the training views and of the clustering-time extraction; must equal
+# INPUT.SIZE_TRAIN (released 384x128).
+_C.USL.INPUT.SIZE = [384, 128]
+# Resize filter of the training views: "bicubic" (released SYSU) or "bilinear" (released RegDB).
+_C.USL.INPUT.RESIZE_FILTER = "bicubic"
+# Step order of stage 1, the camera-local runs and stage 2: "jitter_view2" (colour jitter on RGB
+# view 2 only, after the crop; released SYSU stage 1) or "jitter_first" (jitter first on every
+# view, IR included; released SYSU camera-local runs and stage 2, RegDB both stages).
+_C.USL.INPUT.LAYOUT_STAGE1 = "jitter_view2"
+_C.USL.INPUT.LAYOUT_CAMERA = "jitter_first"
+_C.USL.INPUT.LAYOUT_STAGE2 = "jitter_first"
+# Zero padding before the random crop (10) and horizontal-flip probability (0.5).
+_C.USL.INPUT.PADDING = 10
+_C.USL.INPUT.FLIP_PROB = 0.5
+# ColorJitter brightness, contrast, saturation, hue (released 0.5 each).
+_C.USL.INPUT.COLOR_JITTER = [0.5, 0.5, 0.5, 0.5]
+# ChannelRandomErasing probability (0.5), ChannelAdapGray probability on IR (0.5) and the
+# ChannelExchange bound of RGB view 2 (gray=2: always a single channel, as released).
+_C.USL.INPUT.ERASE_PROB = 0.5
+_C.USL.INPUT.ADAP_GRAY_PROB = 0.5
+_C.USL.INPUT.EXCHANGE_GRAY = 2
+# IR images per batch (128); the RGB loader takes half as many images, each as two views, so both
+# modalities give BATCH_SIZE rows. The camera-local runs take BATCH_SIZE images of one view.
+_C.USL.BATCH_SIZE = 128
+# Images per pseudo label in a batch: an anchor and NUM_INSTANCES - 1 of other cameras (16).
+_C.USL.NUM_INSTANCES = 16
+# Sampler draws: "seeded" (each pass from (SEED, stage, epoch)) or "reference" (the released
+# generators, seeded per epoch).
+_C.USL.SAMPLER_ORDER = "seeded"
+# What stage 2's pseudo-labelled list holds in its camera slot: "index" (released SYSU: the
+# image's own index, so any other image counts as another camera) or "camera" (released RegDB).
+_C.USL.CAMERA_SLOT_STAGE2 = "index"
+# Decode and resize every training image once (bicubic, to USL.INPUT.SIZE) instead of per
+# sample: faster; exact where the pipeline resizes first, an approximation where the colour
+# jitter comes first (off as released).
+_C.USL.PRELOAD = False
+# Without pretrained weights, start the infrared stem as a copy of the visible one, as loading
+# the pretrained file does (it copies its single stem into both); False draws them independently.
+_C.USL.SAME_STEM_INIT = True
+# Before stage 1, estimate every BatchNorm's running statistics from the training images (one
+# pass without gradient, clustering-time transform, RGB and IR rows together as in training),
+# replacing the fresh 0 / 1 statistics of an encoder without pretrained weights, with which the
+# first clustering's descriptors are all nearly parallel (off as released).
+_C.USL.CALIBRATE_BN = False
+# Images per batch of the clustering-time feature extraction (released 256; 64 in the
+# camera-local runs, USL.CAMERA.EXTRACT_BATCH).
+_C.USL.EXTRACT_BATCH = 256
+# Per-epoch clustering: k-reciprocal Jaccard distance and DBSCAN (cluster/).
+_C.USL.CLUSTER = CN()
+# DBSCAN radius of stages 1 and 2 (released 0.6 SYSU, 0.2 RegDB) and its min_samples (4).
+_C.USL.CLUSTER.EPS = 0.6
+_C.USL.CLUSTER.MIN_SAMPLES = 4
+# k1 and k2 of the k-reciprocal Jaccard distance (30, 6).
+_C.USL.CLUSTER.K1 = 30
+_C.USL.CLUSTER.K2 = 6
+# Nearest-neighbour search: "torch" (exact, CPU or GPU, memory-bounded blocks) or "faiss"
+# (IndexFlatL2 as released; needs the faiss package).
+_C.USL.CLUSTER.KNN_BACKEND = "torch"
+# Bound (MB) on the temporaries of each clustering step.
+_C.USL.CLUSTER.MEMORY_MB = 256
+# Cluster memories: softmax temperature (0.05) and momentum of the stage-1 memories (released
+# 0.2 SYSU, 0.8 RegDB), of stage 2's per-modality memories (0.2, used by the mate loss) and of
+# stage 2's mixed cross-modal memories (0.8).
+_C.USL.TEMP = 0.05
+_C.USL.MOMENTUM = 0.2
+_C.USL.MOMENTUM_MODALITY = 0.2
+_C.USL.MOMENTUM_MIXED = 0.8
+# Update each centroid once per batch with its least similar sample (off as released).
+_C.USL.USE_HARD = False
+# Token-diversity loss weighted by a softmax over the token pairs (released True).
+_C.USL.DIVERSITY_BALANCER = True
+# Stage-2 weights: neighbour loss (0.5 SYSU, 0.1 RegDB), cross loss (0.4), mate loss (0.03 SYSU,
+# 0.01 RegDB) up to epoch MATE_SWITCH_EPOCH (0-based, 35) and LAMBDA_MATE_LATE after (0.12 SYSU).
+_C.USL.LAMBDA_NEIGHBOUR = 0.5
+_C.USL.LAMBDA_CROSS = 0.4
+_C.USL.LAMBDA_MATE = 0.03
+_C.USL.LAMBDA_MATE_LATE = 0.12
+_C.USL.MATE_SWITCH_EPOCH = 35
+# DTNL neighbour sets: per-token threshold as a fraction of the row maximum (0.9), tokens that
+# must agree (4 SYSU, 6 RegDB: all K), query rows per similarity block.
+_C.USL.DTNL_THRESHOLD = 0.9
+_C.USL.DTNL_VOTES = 4
+_C.USL.DTNL_CHUNK = 1024
+# Prune same-camera neighbours of another camera-local cluster (released SYSU; needs a
+# camera-local run for every camera), and the removal probability (1.0: always).
+_C.USL.CAMERA_PRUNING = True
+_C.USL.PRUNE_DECAY = 1.0
+# RGB clusters an IR cluster may be matched with (released lamba_k 2).
+_C.USL.MATCH_CAPACITY = 2
+# Corrections of released bugs, all off = the released behaviour:
+# RegDB stage 2 looks the neighbour lists up by image index instead of camera id (image 0's);
+_C.USL.FIX_REGDB_NEIGHBOUR_INDEX = False
+# the pruning examines every neighbour (released: skips the one after each removal);
+_C.USL.FIX_PRUNE_SKIP = False
+# SYSU stage 2 matches with fewer RGB than IR clusters (the RegDB mirror branch) instead of
+# stopping with an error, as the released script does;
+_C.USL.FIX_SYSU_MIRROR_BRANCH = False
+# the mate loss keeps its rows in ascending order, aligned with their targets.
+_C.USL.FIX_MATE_ROW_ORDER = False
+# Evaluation (test protocol) of stages 1 and 2: every EVAL_PERIOD epochs from epoch EVAL_START
+# (0-based; released: every epoch from 6), and always at a stage's last epoch.
+_C.USL.EVAL_START = 6
+_C.USL.EVAL_PERIOD = 1
+_C.USL.STAGE1 = CN()
+# Stage 1 (intra-modality): epochs, iterations per epoch, SGD lr, cosine period and floor
+# (released SYSU 50 x 200, 3.5e-4, 50, 1e-6; RegDB 35 x 100, 3.5e-5, 35, 1e-7), and the metric
+# that selects its model (mAP).
+_C.USL.STAGE1.EPOCHS = 50
+_C.USL.STAGE1.ITERS = 200
+_C.USL.STAGE1.LR = 3.5e-4
+_C.USL.STAGE1.T_MAX = 50
+_C.USL.STAGE1.ETA_MIN = 1e-6
+_C.USL.STAGE1.BEST_METRIC = "mAP"
+_C.USL.STAGE2 = CN()
+# Stage 2 (cross-modal), the same keys (released SYSU 50 x 200, 3.5e-5, 50, 1e-7; RegDB 35 x
+# 100, 3.5e-5, 35, 1e-7), selected by Rank-1.
+_C.USL.STAGE2.EPOCHS = 50
+_C.USL.STAGE2.ITERS = 200
+_C.USL.STAGE2.LR = 3.5e-5
+_C.USL.STAGE2.T_MAX = 50
+_C.USL.STAGE2.ETA_MIN = 1e-7
+_C.USL.STAGE2.BEST_METRIC = "rank1"
+# Camera-local runs (SYSU: between the stages, each from the stage-1 model, keeping the
+# clustering of its best-silhouette epoch for stage 2's pruning).
+_C.USL.CAMERA = CN()
+# Cameras run, in order (0-based; released 2, 5 (IR) then 0, 1, 3, 4 (RGB)); empty: none (RegDB).
+_C.USL.CAMERA.CAMERAS = [2, 5, 0, 1, 3, 4]
+# DBSCAN radius of each camera id 0..5 (released 0.2, 0.2, 0.6, 0.5, 0.5, 0.2).
+_C.USL.CAMERA.EPS = [0.2, 0.2, 0.6, 0.5, 0.5, 0.2]
+# Epochs of an IR (25) and of an RGB (20) camera run, iterations per epoch (50), SGD lr
+# (3.5e-4), cosine period and floor (50, 1e-6), memory momentum (0.2).
+_C.USL.CAMERA.EPOCHS_IR = 25
+_C.USL.CAMERA.EPOCHS_RGB = 20
+_C.USL.CAMERA.ITERS = 50
+_C.USL.CAMERA.LR = 3.5e-4
+_C.USL.CAMERA.T_MAX = 50
+_C.USL.CAMERA.ETA_MIN = 1e-6
+_C.USL.CAMERA.MOMENTUM = 0.2
+# First epoch (0-based) whose clustering may be kept by its silhouette (released 10).
+_C.USL.CAMERA.FIRST_EPOCH = 10
+# Images per batch of a camera run's feature extraction (released 64).
+_C.USL.CAMERA.EXTRACT_BATCH = 64
+# Folder holding camera_local_<cam>.pth for a stage-2 run started alone (--stage stage2);
+# empty means OUTPUT_DIR.
+_C.USL.CAMERA_LOCAL_DIR = ""
+
 
 def get_default_config():
     """A fresh, unfrozen copy of the defaults."""
@@ -377,6 +590,9 @@ CHOICES = {
     "MODEL.BACKBONE": ("resnet50", "resnet18"),
     "MODEL.LAST_STRIDE": (1, 2),
     "MODEL.CMFN.MBUE_AFTER": ("layer3", "layer2"),
+    "MODEL.FUSIONREID.VI_SIE": ("camera", "modality", "camera_modality"),
+    "MODEL.FUSIONREID.VI_CNN_STEM": ("shared", "modality"),
+    "MODEL.FUSIONREID.VI_VIT_STEM": ("shared", "modality"),
     "LOSS.IVREID.KL_REDUCTION": ("batchmean", "mean"),
     "LOSS.IVREID.TRI_FEATURE": ("feat", "pool"),
     "DATALOADER.BALANCED_ORDER": ("seeded", "reference"),
@@ -388,7 +604,16 @@ CHOICES = {
     "TEST.MODE": ("all", "indoor"),
     "TEST.DIRECTION": ("ir2vis", "vis2ir"),
     "TEST.GALLERY": ("seeded", "official", "seeded_cam_major"),
-    "TEST.FLIP_MODE": ("sum", "mean"),
+    "TEST.FLIP_MODE": ("sum", "mean", "average_raw"),
+    "USL.INPUT.RESIZE_FILTER": ("bicubic", "bilinear"),
+    "USL.INPUT.LAYOUT_STAGE1": ("jitter_view2", "jitter_first"),
+    "USL.INPUT.LAYOUT_CAMERA": ("jitter_view2", "jitter_first"),
+    "USL.INPUT.LAYOUT_STAGE2": ("jitter_view2", "jitter_first"),
+    "USL.SAMPLER_ORDER": ("seeded", "reference"),
+    "USL.CAMERA_SLOT_STAGE2": ("index", "camera"),
+    "USL.CLUSTER.KNN_BACKEND": ("torch", "faiss"),
+    "USL.STAGE1.BEST_METRIC": ("rank1", "mAP", "mINP"),
+    "USL.STAGE2.BEST_METRIC": ("rank1", "mAP", "mINP"),
     "TEST.DISTANCE": ("cosine", "euclidean", "sqeuclidean"),
     "TEST.DISTANCE_DTYPE": ("float32", "float64"),
     "TEST.RERANK_EXPANSION": ("released", "paper"),

@@ -78,6 +78,8 @@ def _init_vit_weights(module):
 
 @MODELS.register("tokenmatcher")
 class TokenMatcherEncoder(ReIDModel):
+    # trained without labels by train_usl.py: no supervised criterion fits it
+    supervised = False
     train_outputs = ("feat", "tokens")
     embedding_sets = ("feat",)
     embedding_presets = {"feat": {"feat": 1.0}}
@@ -192,8 +194,10 @@ class TokenMatcherEncoder(ReIDModel):
             outputs.append(self._encode(images[rows], modality[rows]))
             if j == 0:
                 kept = [(buf, buf.clone()) for bn in self._batchnorms() for buf in bn.buffers()]
+        # Autograd keeps the running statistics among BatchNorm's saved tensors (its backward in
+        # training does not read them); restoring them through .data leaves the graph valid.
         for buf, value in kept:
-            buf.copy_(value)
+            buf.data.copy_(value)
         inverse = torch.argsort(torch.cat(groups))
         feat = torch.cat([f for f, _ in outputs])[inverse]
         tokens = torch.cat([t for _, t in outputs])[inverse]
