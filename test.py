@@ -214,12 +214,13 @@ def load_model_checked(path, cfg, device):
     return model, meta
 
 
-def run_split(model, split, cfg, device, ckpt_path):
-    """Extract the split's features once and evaluate every gallery trial."""
+def run_split(model, split, cfg, device, ckpt_path, all_sets=False):
+    """Extract the split's features once and evaluate every gallery trial; only the sets of the
+    embedding are kept unless `all_sets` (--save-features writes every set)."""
     weights = embedding_weights(model, cfg.TEST.FEATURE)
     t0 = time.time()
     qfeats, gfeats, used, trials = extract_split_features(model, split, cfg, device,
-                                                          keep={name for name, _ in weights})
+                                                          keep=None if all_sets else {n for n, _ in weights})
     t1 = time.time()
     for side, feats in (("query", qfeats), ("gallery", gfeats)):
         for name, f in feats.items():
@@ -277,7 +278,8 @@ def main(argv=None):
             output = args.output or default_output_path(cfg, dataset_cls, type(model).default_embedding, ckpt_paths,
                                                          trials)
             out_stem = os.path.splitext(output)[0]
-        qfeats, gfeats, used, gtrials, result, timing = run_split(model, split, run_cfg, device, path)
+        qfeats, gfeats, used, gtrials, result, timing = run_split(model, split, run_cfg, device, path,
+                                                                 all_sets=bool(args.save_features))
         del model
         distmat = result.pop("distmat")
         if trial is not None:
