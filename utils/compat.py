@@ -7,9 +7,10 @@ never defined. Defining the two schemas first lets the pure-Python parts (models
 transforms) import; ``nms`` and ``torchvision.io`` stay unavailable there (we decode with
 PIL). On a proper install the extension defines the ops itself and this is a no-op.
 
-Every module of this project imports torchvision through here::
+timm imports torchvision at import time, so it comes through here too. Every module of this
+project imports both through here::
 
-    from utils.compat import torchvision
+    from utils.compat import torchvision, timm
 """
 import torch
 
@@ -51,4 +52,6 @@ except RuntimeError as exc:
     _ensure_schemas()
     import torchvision  # noqa: E402,F811
 
-__all__ = ["torchvision"]
+import timm  # noqa: E402  (after torchvision, which it imports)
+
+__all__ = ["torchvision", "timm"]

@@ -47,7 +47,7 @@ from torch import nn
 from model.backbones.pos_embed import patch_grid, resample_grid
 from model.backbones.resnet import _preview
 from model.pretrained import PretrainedWeightsError, hub_checkpoint_dir
-from utils.compat import torchvision  # noqa: F401  (timm imports torchvision)
+from utils.compat import timm  # noqa: F401  (registers timm after torchvision for the imports below)
 from utils.errors import ConfigError
 from timm.models.vision_transformer import Block
 

@@ -15,7 +15,7 @@ uses eps 1e-5; no dropout or stochastic depth; PyTorch's default Linear initiali
 """
 from torch import nn
 
-import utils.compat  # noqa: F401  (torchvision must be importable before timm)
+from utils.compat import timm  # noqa: F401  (registers timm after torchvision for the imports below)
 from timm.layers import Mlp
 
 

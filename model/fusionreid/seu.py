@@ -15,7 +15,7 @@ settings (``block``), so its parameter names are timm's (``block.attn.qkv.weight
 """
 from torch import nn
 
-import utils.compat  # noqa: F401  (torchvision must be importable before timm)
+from utils.compat import timm  # noqa: F401  (registers timm after torchvision for the imports below)
 from timm.models.vision_transformer import Block
 
 

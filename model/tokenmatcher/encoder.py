@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import utils.compat  # noqa: F401  (before timm, which imports torchvision)
+from utils.compat import timm  # noqa: F401  (registers timm after torchvision for the imports below)
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
