@@ -124,8 +124,9 @@ def parameters_in_sync(model, ctx):
     return not any_across_ranks(ctx, [differs])[0]
 
 
-def wrap_model(model, ctx, sync_bn=False):
-    """SyncBatchNorm (GPU only) and DistributedDataParallel for a multi-process run."""
+def wrap_model(model, ctx, sync_bn=False, find_unused_parameters=False):
+    """SyncBatchNorm (GPU only) and DistributedDataParallel for a multi-process run
+    (`find_unused_parameters` for models that leave some parameters out of a step)."""
     if sync_bn:
         if ctx.device.type != "cuda":
             raise ConfigError("SOLVER.SYNC_BN needs CUDA devices (SyncBatchNorm has no CPU kernel); set it to false")
@@ -134,7 +135,8 @@ def wrap_model(model, ctx, sync_bn=False):
     if not ctx.distributed:
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
 
 
 def unwrap_model(model):

@@ -1,9 +1,10 @@
 """Small layers shared by the CMFN building blocks, and the state-dict renaming helper.
 
+* ``memory_format_of``: the memory format a block's outputs should keep (its input's).
 * ``LayerNorm2d``: the channels-first LayerNorm of the released CSC-CMA: at every
   spatial position the C values are normalised with their biased variance, eps 1e-6 inside
   the square root, then a per-channel affine. Not GroupNorm(1, C), which would also reduce
-  over H and W. Input and output [B, C, H, W].
+  over H and W. Input and output [B, C, H, W], the output in the input's memory format.
 * ``DropPath``: stochastic depth per sample (train mode only); any shape [B, ...].
 * ``ConvBN``: conv (no bias) -> BatchNorm (momentum 0.1) -> optional ReLU, the unit of HCE,
   the dilated bottleneck and the MBUE compressions.
@@ -34,11 +35,25 @@ class ConversionError(KeyError):
         return f"{self.owner}: released state-dict key '{self.key}' {self.problem}"
 
 
+def memory_format_of(x):
+    """``torch.channels_last`` for a channels-last strided 4-D tensor, else ``torch.contiguous_format``.
+
+    A tensor that is both (e.g. H = W = 1) counts as contiguous.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class LayerNorm2d(nn.Module):
     """Per-position LayerNorm over the channel axis of [B, C, H, W] (eps 1e-6, biased variance).
 
-    Computed as F.layer_norm on the channels-last view, so the result is a channels-last
-    strided [B, C, H, W] tensor (convolutions accept it directly; no extra copy back).
+    Computed by F.layer_norm on the channels-last (B, H, W, C) layout. The output has the
+    memory format of the input: a channels-last input is normalised in its own layout (no
+    copy), an NCHW input is copied to channels-last and the result copied back.
+    Handing a channels-last result to the NCHW convolutions that follow would make each of
+    them reorder its weight on every call (for IRMLP's dense 768 x 768 x 3 x 3 conv, once in
+    the forward and again in the backward), which costs far more than the two small copies.
     """
 
     def __init__(self, channels, eps=1e-6):
@@ -48,8 +63,10 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        y = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
+        memory_format = memory_format_of(x)
+        y = F.layer_norm(x.permute(0, 2, 3, 1).contiguous(), self.weight.shape, self.weight,
+                         self.bias, self.eps)
+        return y.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
 
     def extra_repr(self):
         return f"{self.weight.numel()}, eps={self.eps}"

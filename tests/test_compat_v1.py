@@ -5,7 +5,8 @@ The checkpoints in tests/golden/legacy/ were written by ``make_checkpoint`` of t
 keys at the root of MODEL and LOSS, and their model keys are that code's. Their tensors are
 stored as zeros and regenerated here by the generator's per-key rule (tests/legacy_rule.py); ``features_v1.pt``
 holds the eval outputs that code computed from those weights on the rule images, which the
-model loaded by today's ``load_model`` must reproduce bit for bit.
+model loaded by today's ``load_model`` must reproduce to float32 rounding (1e-6: today's blocks
+order some sums differently; a wrong key mapping changes the outputs by orders of magnitude more).
 """
 import os
 
@@ -44,8 +45,10 @@ def test_v1_checkpoint_gives_identical_features(case, expected, tmp_path):
             names = model.embedding_sets
             assert len(names) == 2 * copies
             for c in range(copies):
-                assert torch.equal(sets[names[2 * c]], old["pool"][4 * c:4 * (c + 1)])
-                assert torch.equal(sets[names[2 * c + 1]], old["bn"][4 * c:4 * (c + 1)])
+                # float reassociation of the faster blocks moves values by ~1e-7; a wrong
+                # mapping of any tensor moves them by far more than 1e-6
+                torch.testing.assert_close(sets[names[2 * c]], old["pool"][4 * c:4 * (c + 1)], rtol=0, atol=1e-6)
+                torch.testing.assert_close(sets[names[2 * c + 1]], old["bn"][4 * c:4 * (c + 1)], rtol=0, atol=1e-6)
 
 
 def test_v1_config_text_is_renamed():

@@ -454,10 +454,11 @@ _C.USL.PRELOAD = False
 # Without pretrained weights, start the infrared stem as a copy of the visible one, as loading
 # the pretrained file does (it copies its single stem into both); False draws them independently.
 _C.USL.SAME_STEM_INIT = True
-# Before stage 1, estimate every BatchNorm's running statistics from the training images (one
-# pass without gradient, clustering-time transform, RGB and IR rows together as in training),
-# replacing the fresh 0 / 1 statistics of an encoder without pretrained weights, with which the
-# first clustering's descriptors are all nearly parallel (off as released).
+# Before stage 1 of a run from the built model, estimate every BatchNorm's running statistics
+# from the training images (one pass without gradient, clustering-time transform, RGB and IR
+# rows together as in training), replacing the fresh 0 / 1 statistics of an encoder without
+# pretrained weights, with which the first clustering's descriptors are all nearly parallel
+# (off as released).
 _C.USL.CALIBRATE_BN = False
 # Images per batch of the clustering-time feature extraction (released 256; 64 in the
 # camera-local runs, USL.CAMERA.EXTRACT_BATCH).

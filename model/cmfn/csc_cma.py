@@ -17,6 +17,9 @@ Inputs f_l, f_g [B, d, H, W] (and a context tensor), output [B, d, H, W]:
 7. out = IRMLP(LayerNorm2d(cat[f_l, f_g, e]))  (3d -> d);
 8. return e + out.
 
+Every step keeps the memory format of the inputs (NCHW or channels-last), so that no
+convolution here reorders its weight for an input of the other layout.
+
 Released behaviour: the context argument is ignored (the released MBUE builds the module
 without a context dimension, yet computes and passes the context). ``fixed_context=True`` activates the path the paper figure
 draws: the context [B, context_dim, h', w'] is nearest-resized to H x W, mapped by
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from model.cmfn import irmlp as irmlp_module
 from model.cmfn import wtconv as wtconv_module
 from model.cmfn.irmlp import IRMLP
-from model.layers import LayerNorm2d, convert_part, rename_state_dict
+from model.layers import LayerNorm2d, convert_part, memory_format_of, rename_state_dict
 from model.cmfn.wtconv import WTConv2d
 
 
@@ -82,7 +85,9 @@ class LinearCrossAttention(nn.Module):
         v = split(self.v_proj(kv_tokens))
         out = torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))
         out = self.out_proj(out.transpose(1, 2).reshape(b, h * w, d))
-        return out.transpose(1, 2).reshape(b, d, h, w)
+        # The token-major result read as [B, d, H, W] is channels-last strided; the rest of
+        # CSC-CMA runs in the layout of its inputs (see LayerNorm2d for why it matters).
+        return out.transpose(1, 2).reshape(b, d, h, w).contiguous(memory_format=memory_format_of(query_map))
 
 
 class SpatialGate(nn.Module):
@@ -94,6 +99,7 @@ class SpatialGate(nn.Module):
 
     def forward(self, x):
         stats = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        stats = stats.contiguous(memory_format=memory_format_of(x))
         return x * torch.sigmoid(self.conv(stats))
 
 

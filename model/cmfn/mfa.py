@@ -14,7 +14,7 @@ MFA(1024,512,True) 2,367,744.
 import torch
 import torch.nn as nn
 
-from model.layers import convert_part, rename_state_dict
+from model.layers import convert_part, memory_format_of, rename_state_dict
 
 
 class _OutputProjection(nn.Module):
@@ -37,24 +37,37 @@ class ChannelNonLocal(nn.Module):
     query = 1x1(x_main) [B, low, Nh]; key = 1x1 stride s (x_side) [B, low, Nh];
     value = 1x1(x_side) [B, low, Nl]; y = (query keyᵀ / low) value -> [B, low, Hl, Wl];
     out = x_main + BN(1x1 stride s (y)). s = 2 when downsampling, else 1.
+
+    A 1x1 conv of stride s reads only every s-th row and column, so y, and the value
+    conv it comes from, are computed at those positions only (a quarter of the work for
+    s = 2): every strided conv here is a stride-1 conv of the subsampled input.
     """
 
     def __init__(self, high_ch, low_ch, downsample):
         super().__init__()
-        stride = 2 if downsample else 1
+        self.stride = 2 if downsample else 1
         self.low_ch = low_ch
         self.query = nn.Conv2d(high_ch, low_ch, 1)
-        self.key = nn.Conv2d(low_ch, low_ch, 1, stride=stride)
+        self.key = nn.Conv2d(low_ch, low_ch, 1)
         self.value = nn.Conv2d(low_ch, low_ch, 1)
-        self.out_proj = _OutputProjection(low_ch, high_ch, stride)
+        self.out_proj = _OutputProjection(low_ch, high_ch, 1)
 
     def forward(self, x_main, x_side):
         b = x_main.shape[0]
+        if self.stride > 1:
+            # one copy for both convs that read the subsampled map
+            x_side = x_side[:, :, ::self.stride, ::self.stride].contiguous(memory_format=memory_format_of(x_side))
         value = self.value(x_side).flatten(2)
         query = self.query(x_main).flatten(2)
         key = self.key(x_side).flatten(2)
         energy = torch.matmul(query, key.transpose(1, 2))
-        y = torch.matmul(energy / energy.shape[-1], value)
+        attention = energy / energy.shape[-1]
+        if memory_format_of(x_main) == torch.channels_last:
+            # (attention value) computed transposed comes out channels-last, as the
+            # following conv wants it (the flattened maps above are free views then).
+            y = torch.matmul(value.transpose(1, 2), attention.transpose(1, 2)).transpose(1, 2)
+        else:
+            y = torch.matmul(attention, value)
         y = y.view(b, self.low_ch, *x_side.shape[2:])
         return self.out_proj(y) + x_main
 
@@ -88,7 +101,7 @@ class PositionNonLocal(nn.Module):
         energy = torch.matmul(query, key)
         y = torch.matmul(energy / energy.shape[-1], value)
         y = y.transpose(1, 2).reshape(b, self.inner, *x_main.shape[2:])
-        return self.out_proj(y) + x_main
+        return self.out_proj(y.contiguous(memory_format=memory_format_of(x_main))) + x_main
 
 
 class MFA(nn.Module):
