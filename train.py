@@ -27,15 +27,14 @@ from engine.distributed import any_across_ranks, barrier, cleanup, init_distribu
 from engine.evaluate import evaluate, evaluation_due, evaluation_splits, update_best
 from engine.loop import train_one_epoch
 from engine.run_config import check_run_config, config_differences, resolve_run_config
-from engine.run_dir import BEST_CHECKPOINT, CONFIG_FILE, LOG_FILE, METRICS_FILE, check_run_dir, prepare_run_dir, trim_metrics
+from engine.run_dir import BEST_CHECKPOINT, CONFIG_FILE, open_run, trim_metrics
 from engine.solver import build_optimizer, build_scheduler
 from engine.state import Progress, make_state, restore_state, save_last
 from engine.training import (GracefulStop, MixedPrecision, check_finite_state, configure_determinism, seed_epoch,
                              seed_everything)
 from utils.config import add_config_arguments, get_default_config, is_config_key
-from utils.errors import ConfigError, UserError, run_cli
+from utils.errors import ConfigError, run_cli
 from utils.io import save_text
-from utils.logger import TensorboardWriter, close_logger, setup_logger
 
 
 def parse_args(argv=None):
@@ -65,13 +64,7 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
     from model.registry import MODELS
 
     run_dir, resuming = cfg.OUTPUT_DIR, resume_ckpt is not None
-    check_run_dir(run_dir, resume=resuming, overwrite=args.overwrite)
-    barrier(ctx)
-    removed = prepare_run_dir(run_dir, resume=resuming, overwrite=args.overwrite) if ctx.is_main else []
-    logger = setup_logger(os.path.join(run_dir, LOG_FILE) if ctx.is_main else None, ctx.rank)
-    tb = TensorboardWriter(run_dir, enabled=ctx.is_main)
-    metrics_path = os.path.join(run_dir, METRICS_FILE)
-    try:
+    with open_run(run_dir, ctx, resume=resuming, overwrite=args.overwrite) as (logger, tb, metrics_path, removed):
         logger.info("command: %s", " ".join(sys.argv))
         label = getattr(MODELS.get(cfg.MODEL.NAME), "method_label", "")
         logger.info("method %s on %s; run directory %s%s; device %s, %d process(es)%s",
@@ -192,13 +185,6 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
             logger.info("finished %d epochs; last.pth = best.pth (SOLVER.SELECT_BY %s)", cfg.SOLVER.MAX_EPOCHS,
                         cfg.SOLVER.SELECT_BY)
         return 0
-    except UserError as exc:
-        logger.error("%s", exc)
-        exc.logged = True
-        raise
-    finally:
-        tb.close()
-        close_logger(logger)
 
 
 def check_supervised(cfg):

@@ -35,16 +35,15 @@ import torch
 from engine.checkpoint import CheckpointError
 from engine.distributed import any_across_ranks, barrier, cleanup, init_distributed, unwrap_model, wrap_model
 from engine.run_config import config_differences, resolve_run_config
-from engine.run_dir import CONFIG_FILE, LOG_FILE, METRICS_FILE, check_run_dir, prepare_run_dir
+from engine.run_dir import CONFIG_FILE, open_run
 from engine.training import GracefulStop, MixedPrecision, check_finite_state, configure_determinism, seed_everything
 from engine.usl.stages import run_plan
 from engine.usl.state import (BEST, USLProgress, camera_local_file, check_usl_checkpoint, load_camera_local,
                               make_state, restore_progress, save_camera_local, save_last, save_model,
                               stage_best_file, trim_usl_metrics)
 from utils.config import add_config_arguments, get_default_config, is_config_key
-from utils.errors import ConfigError, UserError, run_cli
+from utils.errors import ConfigError, run_cli
 from utils.io import save_text
-from utils.logger import TensorboardWriter, close_logger, setup_logger
 
 DEFAULT_METHOD = "tokenmatcher"
 
@@ -116,7 +115,8 @@ def load_weights(model, path, what):
     from model import load_model
 
     loaded = load_model(path)
-    if type(loaded) is not type(model):
+    # CMAG's encoder is TokenMatcher's under another name: either one starts the other
+    if not (isinstance(loaded, type(model)) or isinstance(model, type(loaded))):
         raise CheckpointError("%s holds a %s model, not the %s encoder (%s)" % (path, type(loaded).__name__,
                                                                               type(model).__name__, what))
     own, state = model.state_dict(), loaded.state_dict()
@@ -129,14 +129,12 @@ def load_weights(model, path, what):
 
 
 def build_optimizer(model, step, stage, cfg):
-    """SGD (SOLVER.OPTIMIZER) over the encoder's groups (and the stage-2 step's), at the stage's lr."""
+    """SOLVER.OPTIMIZER over the encoder's groups (and the stage-2 step's), at the stage's lr."""
     from engine.solver import OPTIMIZERS
     from engine.usl_schedule import CosineAnnealing
 
-    groups = [dict(g, lr=stage.lr * g["lr_factor"]) for g in model.param_groups(cfg)]
-    extra = list(step.parameters()) if step is not None and stage.kind == "stage2" else []
-    if extra:
-        groups.append({"name": "stage2_step", "params": extra, "lr_factor": 1.0, "lr": stage.lr})
+    groups = model.param_groups(cfg) + (step.param_groups() if step is not None and stage.kind == "stage2" else [])
+    groups = [dict(g, lr=stage.lr * g["lr_factor"]) for g in groups]
     optimizer = OPTIMIZERS.get(cfg.SOLVER.OPTIMIZER)(groups, cfg.SOLVER)
     return optimizer, CosineAnnealing(optimizer, stage.lr, stage.t_max, stage.eta_min)
 
@@ -154,13 +152,7 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, plan, notes):
 
     run_dir, resuming = cfg.OUTPUT_DIR, resume_ckpt is not None
     start_from = resume_ckpt["usl"]["start_from"] if resuming else (args.from_ckpt or "")
-    check_run_dir(run_dir, resume=resuming, overwrite=args.overwrite)
-    barrier(ctx)
-    removed = prepare_run_dir(run_dir, resume=resuming, overwrite=args.overwrite) if ctx.is_main else []
-    logger = setup_logger(os.path.join(run_dir, LOG_FILE) if ctx.is_main else None, ctx.rank)
-    tb = TensorboardWriter(run_dir, enabled=ctx.is_main)
-    metrics_path = os.path.join(run_dir, METRICS_FILE)
-    try:
+    with open_run(run_dir, ctx, resume=resuming, overwrite=args.overwrite) as (logger, tb, metrics_path, removed):
         logger.info("command: %s", " ".join(sys.argv))
         logger.info("method %s (unsupervised) on %s; stages %s%s; run directory %s%s; device %s, %d process(es)",
                     cfg.METHOD, cfg.DATASET.NAME, ", ".join(s.name for s in plan),
@@ -197,10 +189,13 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, plan, notes):
         # a camera-local run trains one modality's stem only: the other one's parameters sit out
         train_model = wrap_model(model, ctx, cfg.SOLVER.SYNC_BN, find_unused_parameters=True)
         model = unwrap_model(train_model)
-        step = STAGE2_STEPS.get(cfg.METHOD)(cfg) if any(s.kind == "stage2" for s in plan) else None
-        logger.info("model %s: %.2fM parameters, K=%d tokens, %d-d descriptor; AMP %s", cfg.MODEL.NAME,
-                    sum(p.numel() for p in model.parameters()) / 1e6, model.num_tokens, model.feat_dim,
-                    cfg.SOLVER.AMP)
+        step = STAGE2_STEPS.get(cfg.METHOD)(cfg, model) if any(s.kind == "stage2" for s in plan) else None
+        label = getattr(model, "method_label", "")
+        logger.info("model %s%s: %.2fM parameters, K=%d tokens, %d-d descriptor; AMP %s", cfg.MODEL.NAME,
+                    " [%s]" % label if label else "", sum(p.numel() for p in model.parameters()) / 1e6,
+                    model.num_tokens, model.feat_dim, cfg.SOLVER.AMP)
+        for line in step.describe() if step is not None else []:
+            logger.info("%s", line)
         progress, first = USLProgress(), 0
         if resuming:
             first = restore_progress(resume_ckpt, plan, progress)
@@ -314,15 +309,18 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, plan, notes):
                                                                torch.as_tensor(kept, dtype=torch.int64))
                     if ctx.is_main:
                         check_finite_state(model.state_dict(), epoch, progress.last_saved)
-                        records = evaluate(model, splits, cfg, ctx.device, stage.name, stage.index, epoch, logger,
-                                           tb, metrics_path, progress.global_step) \
+                        # the model this stage evaluates and selects (CMAG: optionally its EMA teacher)
+                        chosen = step_now.evaluation_model(model) if step_now is not None else model
+                        records = evaluate(chosen, splits, cfg, ctx.device, stage.name, stage.index, epoch, logger,
+                                           tb, metrics_path, progress.global_step,
+                                           "ema" if chosen is not model else "encoder") \
                             if evaluation_due(cfg, stage, epoch) else {}
                         if stage.best_metric and update_best(cfg, progress.best, stage, records, epoch):
                             best = progress.best[stage.name]
-                            save_model(os.path.join(run_dir, stage_best_file(stage.name)), model, cfg, stage.name,
+                            save_model(os.path.join(run_dir, stage_best_file(stage.name)), chosen, cfg, stage.name,
                                        epoch, best)
                             if position == last_selecting:
-                                save_model(os.path.join(run_dir, BEST), model, cfg, stage.name, epoch, best)
+                                save_model(os.path.join(run_dir, BEST), chosen, cfg, stage.name, epoch, best)
                             if best["value"] is not None:
                                 logger.info("new best %s %s %.2f%% at epoch %d (selected on the %s set) -> %s",
                                             stage.name, stage.best_metric, 100 * best["value"], epoch,
@@ -351,13 +349,6 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, plan, notes):
         if last_selecting is not None:
             logger.info("best.pth = the %s model; last.pth = the end of the run", plan[last_selecting].name)
         return 0
-    except UserError as exc:
-        logger.error("%s", exc)
-        exc.logged = True
-        raise
-    finally:
-        tb.close()
-        close_logger(logger)
 
 
 def main(argv=None):

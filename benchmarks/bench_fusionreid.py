@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
@@ -24,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.timing import timed  # noqa: E402
 from engine.solver import build_optimizer  # noqa: E402
 from engine.training import MixedPrecision  # noqa: E402
 from loss import build_criterion  # noqa: E402
@@ -32,11 +32,6 @@ from utils.config import build_config  # noqa: E402
 from utils.io import save_json  # noqa: E402
 
 NUM_CLASSES = 751
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_setting(cfg, device, amp_mode, args):
@@ -60,13 +55,7 @@ def bench_setting(cfg, device, amp_mode, args):
         amp.scaler.update()
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    losses = [step() for _ in range(args.iters)]
-    _sync(device)
-    seconds = (time.perf_counter() - start) / args.iters
+    seconds, losses = timed(step, args.iters, args.warmup, device)
     return {"s_per_step": round(seconds, 4), "images_per_s": round(n / seconds, 3),
             "loss_finite": all(torch.isfinite(torch.tensor(losses)).tolist())}
 

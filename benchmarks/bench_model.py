@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.timing import timed  # noqa: E402
 from model import build_model  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.io import save_json  # noqa: E402
@@ -36,25 +36,8 @@ from utils.io import save_json  # noqa: E402
 NUM_CLASSES = 395
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def _timed(fn, iters, warmup, device):
-    """Mean seconds per call of `fn` over `iters` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
 
 
 def bench_one(model, device, bf16, channels_last, args):
@@ -86,10 +69,10 @@ def bench_one(model, device, bf16, channels_last, args):
     result = {}
     if not args.skip_train:
         model.train()
-        seconds = _timed(train_step, args.iters, args.warmup, device)
+        seconds, _ = timed(train_step, args.iters, args.warmup, device)
         result["train"] = {"s_per_iter": seconds, "images_per_s": 2 * args.batch / seconds}
     model.eval()
-    seconds = _timed(infer_step, args.eval_iters or args.iters, args.warmup, device)
+    seconds, _ = timed(infer_step, args.eval_iters or args.iters, args.warmup, device)
     result["infer"] = {"s_per_iter": seconds, "images_per_s": args.eval_batch / seconds}
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -13,6 +13,7 @@ Contents, all written by rank 0::
 A directory that already holds a run (config.yaml or last.pth present) is never reused unless
 the caller asks to resume it or to overwrite it.
 """
+import contextlib
 import glob
 import json
 import os
@@ -84,3 +85,30 @@ def trim_metrics(path, last_epoch):
     if len(kept) != len(records):
         save_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
+
+
+
+@contextlib.contextmanager
+def open_run(path, ctx, resume=False, overwrite=False):
+    """The run of a training script in the run directory `path`: check it on every process,
+    prepare it on rank 0 (:func:`prepare_run_dir`), and open the run's log and tensorboard
+    writer (written by rank 0 only); yields (logger, tensorboard writer, metrics.jsonl path,
+    deleted paths). A :class:`UserError` raised inside is written to the log (and marked
+    ``logged``) before it propagates; the log and the writer are closed on the way out."""
+    from engine.distributed import barrier
+    from utils.logger import TensorboardWriter, close_logger, setup_logger
+
+    check_run_dir(path, resume=resume, overwrite=overwrite)
+    barrier(ctx)
+    removed = prepare_run_dir(path, resume=resume, overwrite=overwrite) if ctx.is_main else []
+    logger = setup_logger(os.path.join(path, LOG_FILE) if ctx.is_main else None, ctx.rank)
+    tb = TensorboardWriter(path, enabled=ctx.is_main)
+    try:
+        yield logger, tb, os.path.join(path, METRICS_FILE), removed
+    except UserError as exc:
+        logger.error("%s", exc)
+        exc.logged = True
+        raise
+    finally:
+        tb.close()
+        close_logger(logger)
