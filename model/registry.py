@@ -7,4 +7,5 @@ register their classes when imported.
 from utils.registry import Registry
 
 MODELS = Registry("model", "MODEL.NAME", modules=("model.cmfn.cmfn", "model.cmfn.baseline", "model.ivreid",
-                                                        "model.fusionreid.fusionreid", "model.tokenmatcher.encoder"))
+                                                        "model.fusionreid.fusionreid", "model.tokenmatcher.encoder",
+                                                        "model.cmag.encoder"))

@@ -32,6 +32,7 @@ import train_usl
 from data.pseudo import ModalityListing
 from engine.checkpoint import load_checkpoint
 from engine.run_dir import read_metrics
+from ivreid_golden import torch_threads
 from model import load_model
 from model.tokenmatcher.encoder import TokenMatcherEncoder, flip_average
 from tools.convert_official_checkpoint import main as convert_main
@@ -59,10 +60,8 @@ def usl_opts(root, out, **extra):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -562,6 +562,51 @@ _C.USL.CAMERA.EXTRACT_BATCH = 64
 # empty means OUTPUT_DIR.
 _C.USL.CAMERA_LOCAL_DIR = ""
 
+# CMAG's stage-2 modules (METHOD cmag; model/cmag/, loss/cmag.py). They act on the pooled batch
+# features between the encoder and the memory losses in stage 2 and are not part of the
+# evaluated model. The sizes of the released run are unknown (its training script is not
+# public): the defaults of the sizes are this project's choice.
+_C.USL.CMAG = CN()
+# Cross-modal attention of each modality's batch over the other's (released: always on). No
+# artifact contains it: this is this project's reconstruction (cma_reconstructed), a gated
+# residual that starts as the identity.
+_C.USL.CMAG.CMA = True
+# token: attend per class token (K tokens of C channels, keeps the token structure the
+# neighbour and diversity terms use); vector: attend on the whole K*C descriptor.
+_C.USL.CMAG.CMA_MODE = "token"
+# Attention heads (must divide C in token mode, K*C in vector mode).
+_C.USL.CMAG.CMA_HEADS = 8
+# Initial value of the attention's residual gate (0: the stage starts as pure TokenMatcher).
+_C.USL.CMAG.CMA_GATE_INIT = 0.0
+# The graph-structured memory applied to the RGB batch and then the IR batch (released: on).
+_C.USL.CMAG.GRAPH_MEMORY = True
+# Hidden width of the graph memory's node encoder and propagation layers (this project's choice).
+_C.USL.CMAG.GRAPH_HIDDEN_DIM = 512
+# Rows of the graph memory's FIFO of past batch features (this project's choice).
+_C.USL.CMAG.GRAPH_MEMORY_SIZE = 2048
+# Neighbours per node of the graph memory's kNN graph (released 10).
+_C.USL.CMAG.GRAPH_NEIGHBOURS = 10
+# The circular memory and loss in place of the graph memory: off (released default path);
+# as_compiled (the released code, which cannot train: a shape error once its memory holds rows,
+# and a loss without negatives that is NaN with two or more labels); fixed (this project's
+# working variant: loop-confirmed positives re-weighted, with negatives).
+_C.USL.CMAG.CIRCULAR = "off"
+# Weight of the circular term in the total (released 0.1).
+_C.USL.CMAG.CIRCULAR_WEIGHT = 0.1
+# Temperature of the circular contrastive loss (released 0.07).
+_C.USL.CMAG.CIRCULAR_TEMPERATURE = 0.07
+# Learning-rate factor of the modules' parameters relative to the stage-2 lr (whether the
+# released run optimised them at all is unknown; 1 trains them at the stage's lr).
+_C.USL.CMAG.LR_FACTOR = 1.0
+# EMA teacher of the encoder: ema <- alpha * ema + (1 - alpha) * param after every step
+# (released 0.999; parameters only, never used by the loss).
+_C.USL.CMAG.EMA_ALPHA = 0.999
+# Copy the student's buffers (BatchNorm statistics) into the teacher at every update (off as
+# released, where the teacher keeps the buffers of stage 1's model).
+_C.USL.CMAG.EMA_SYNC_BUFFERS = False
+# Evaluate and select stage 2 with the EMA teacher instead of the student (off as released).
+_C.USL.CMAG.EVAL_WITH_EMA = False
+
 
 def get_default_config():
     """A fresh, unfrozen copy of the defaults."""
@@ -615,6 +660,8 @@ CHOICES = {
     "USL.CLUSTER.KNN_BACKEND": ("torch", "faiss"),
     "USL.STAGE1.BEST_METRIC": ("rank1", "mAP", "mINP"),
     "USL.STAGE2.BEST_METRIC": ("rank1", "mAP", "mINP"),
+    "USL.CMAG.CMA_MODE": ("token", "vector"),
+    "USL.CMAG.CIRCULAR": ("off", "as_compiled", "fixed"),
     "TEST.DISTANCE": ("cosine", "euclidean", "sqeuclidean"),
     "TEST.DISTANCE_DTYPE": ("float32", "float64"),
     "TEST.RERANK_EXPANSION": ("released", "paper"),

@@ -50,7 +50,7 @@ from loss.tokenmatcher import Stage2Loss, camera_local_loss, stage1_loss
 from model.base import VISIBLE
 from utils.registry import Registry
 
-STAGE2_STEPS = Registry("stage-2 step", "METHOD")
+STAGE2_STEPS = Registry("stage-2 step", "METHOD", modules=("engine.usl.cmag",))
 STREAMS = {"rgb": 0, "ir": 1, "camera": 2}
 
 
@@ -77,33 +77,51 @@ def sampler_seed(seed, stage_index):
 @STAGE2_STEPS.register("tokenmatcher")
 class TokenMatcherStage2:
     """TokenMatcher's stage-2 step: :class:`loss.tokenmatcher.Stage2Loss` on the encoder's
-    features. The interface a method's stage-2 step offers the engine: ``parameters()`` (extra
-    trainable tensors for the optimiser), ``__call__`` (the loss of one global batch),
-    ``after_step(model)``, ``state_dict()`` / ``load_state_dict()`` (resumable extra state),
-    ``start(model)`` (called when the stage starts, with the stage's starting weights)."""
+    features. The interface a method's stage-2 step offers the engine (built once per run as
+    ``step(cfg, model)``, `model` the unwrapped encoder):
 
-    def __init__(self, cfg):
+    * ``describe()``: lines for the log saying what the step adds;
+    * ``start(model)``: called when stage 2 starts (not when it resumes), with its starting weights;
+    * ``param_groups()``: extra optimiser groups (dicts with ``params``, ``name``, ``lr_factor``);
+    * ``__call__``: (total, terms, info) of one global batch;
+    * ``after_step(model)``: after every optimiser step;
+    * ``evaluation_model(model)``: the model that stage 2 evaluates and selects;
+    * ``state_dict()`` / ``load_state_dict()``: its resumable state (tensors and plain values)."""
+
+    def __init__(self, cfg, model):
         self.loss = Stage2Loss.from_config(cfg)
+
+    def describe(self):
+        return []
 
     def start(self, model):
         pass
 
-    def parameters(self):
+    def param_groups(self):
         return []
 
     def __call__(self, epoch, labelled, f_ir, f_rgb, batch_ir, batch_rgb, tokens_ir, tokens_rgb):
         return self.loss(epoch, labelled.memories, labelled.match, f_ir, f_rgb, batch_ir["pids"], batch_rgb["pids"],
-                         tokens_ir, tokens_rgb, neighbours=labelled.neighbours, index_ir=batch_ir["index"],
-                         index_rgb=batch_rgb["index"], camid_ir=batch_ir["camids"], camid_rgb=batch_rgb["camids"])
+                         tokens_ir, tokens_rgb, **stage2_lookup(labelled, batch_ir, batch_rgb))
 
     def after_step(self, model):
         pass
+
+    def evaluation_model(self, model):
+        return model
 
     def state_dict(self):
         return {}
 
     def load_state_dict(self, state):
         pass
+
+
+def stage2_lookup(labelled, batch_ir, batch_rgb):
+    """The keyword arguments of the stage-2 loss that locate the batch rows: the neighbour lists
+    and the rows' image indexes and cameras."""
+    return dict(neighbours=labelled.neighbours, index_ir=batch_ir["index"], index_rgb=batch_rgb["index"],
+                camid_ir=batch_ir["camids"], camid_rgb=batch_rgb["camids"])
 
 
 def stage_datasets(stage, labeller):
@@ -240,9 +258,10 @@ def train_epoch(stage, train_model, model, loaders, datasets, labelled, step, op
         bar.update(1)
         if (iteration + 1) % cfg.SOLVER.LOG_PERIOD == 0 or iteration + 1 == total_iters:
             now = time.perf_counter()
-            logger.info("%s epoch %d [%d/%d] loss %.4f (%s) lr %.2e %.1f img/s", stage.name, epoch, iteration + 1,
+            logger.info("%s epoch %d [%d/%d] loss %.4f (%s) lr %.2e %.1f img/s%s", stage.name, epoch, iteration + 1,
                         total_iters, terms["total"], _format_terms(terms), optimizer.param_groups[0]["lr"],
-                        window_images / max(now - window_start, 1e-9))
+                        window_images / max(now - window_start, 1e-9),
+                        "; %s" % " ".join("%s %.4g" % kv for kv in info.items()) if info else "")
             tb.add_scalars("train/%s" % stage.name, {"loss_" + k: v for k, v in terms.items()}, progress.global_step)
             if info:
                 tb.add_scalars("train/%s" % stage.name, dict(info), progress.global_step)

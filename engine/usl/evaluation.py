@@ -6,8 +6,9 @@ held-out validation identities when SOLVER.SELECT_BY is ``val``. :func:`evaluate
 the test protocol of the config (TokenMatcher: 384x128 LANCZOS, flip average of the raw
 descriptors, TEST.FLIP_MODE average_raw) through the project's evaluator and writes one record
 per split to the log, tensorboard and ``metrics.jsonl``: ``{"kind": "eval", "stage",
-"stage_index", "epoch", "split", "rank1", ..., "mAP", "mINP", "selection"}`` (figures as
-fractions).
+"stage_index", "epoch", "split", "evaluated", "rank1", ..., "mAP", "mINP", "selection"}`` (figures as
+fractions; ``evaluated`` is ``encoder`` or ``ema``, CMAG's teacher; ``method_label`` when the
+model has one).
 
 Stages 1 and 2 are evaluated every USL.EVAL_PERIOD epochs from USL.EVAL_START and at their
 last epoch (:func:`evaluation_due`); camera-local runs are not evaluated (their model is
@@ -42,8 +43,10 @@ def evaluation_due(cfg, stage, epoch):
     return epoch >= start and (epoch - start) % period == 0
 
 
-def evaluate(model, splits, cfg, device, stage_name, stage_index, epoch, logger, tb, metrics_path, step):
-    """Evaluate every split; append to metrics.jsonl; return name -> record."""
+def evaluate(model, splits, cfg, device, stage_name, stage_index, epoch, logger, tb, metrics_path, step,
+             evaluated="encoder"):
+    """Evaluate every split; append to metrics.jsonl; return name -> record. `evaluated` names
+    the weights (``encoder``, or ``ema`` for CMAG's teacher)."""
     from evaluation.embeddings import evaluate_split
 
     records = {}
@@ -52,7 +55,9 @@ def evaluate(model, splits, cfg, device, stage_name, stage_index, epoch, logger,
         start = time.perf_counter()
         mean = evaluate_split(model, split, cfg, device)["mean"]
         record = {"kind": "eval", "stage": stage_name, "stage_index": int(stage_index), "epoch": int(epoch),
-                  "split": name}
+                  "split": name, "evaluated": evaluated}
+        if getattr(model, "method_label", ""):
+            record["method_label"] = model.method_label
         record.update({k: float(mean[k]) if k in mean else None for k in SCALARS})
         record.update(info)
         record.update({"selection": cfg.SOLVER.SELECT_BY, "flip": bool(cfg.TEST.FLIP),
@@ -60,8 +65,9 @@ def evaluate(model, splits, cfg, device, stage_name, stage_index, epoch, logger,
         append_jsonl(metrics_path, record)
         records[name] = record
         where = "untrained model" if epoch < 0 else "%s epoch %d" % (stage_name, epoch)
-        logger.info("eval %s (%s, %d gallery trial(s), %s)%s: Rank-1 %.2f%% | Rank-5 %.2f%% | Rank-10 %.2f%% | "
-                    "Rank-20 %.2f%% | mAP %.2f%% | mINP %.2f%%  [%.1fs]", name, where, len(split.trials), flip,
+        logger.info("eval %s (%s%s, %d gallery trial(s), %s)%s: Rank-1 %.2f%% | Rank-5 %.2f%% | Rank-10 %.2f%% | "
+                    "Rank-20 %.2f%% | mAP %.2f%% | mINP %.2f%%  [%.1fs]", name, where,
+                    ", EMA teacher" if evaluated == "ema" else "", len(split.trials), flip,
                     " [model selection on the TEST set]" if name == "test" and cfg.SOLVER.SELECT_BY == "test" else "",
                     *(100 * (record[k] or 0.0) for k in SCALARS), time.perf_counter() - start)
         tb.add_scalars("eval_%s/%s" % (name, stage_name), {k: record[k] for k in ("rank1", "mAP", "mINP")}, step)
