@@ -12,11 +12,14 @@ camera-local runs are left out to keep it short, which the engine's own tests co
 * a released CMAG checkpoint converts and evaluates through test.py --method cmag with the
   released protocol, as the authors' weights (no reconstruction label);
 * the as-compiled circular loss (NaN with two labels in a batch) stops with one clear error;
-  the fixed one trains.
+  the fixed one trains;
+* two gloo processes under torchrun train the modules outside DDP to the end.
 """
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -39,6 +42,7 @@ CMAG = {"USL.CAMERA.CAMERAS": "[]", "USL.CAMERA_PRUNING": False, "USL.CMAG.CMA_H
         "USL.CMAG.GRAPH_HIDDEN_DIM": 16, "USL.CMAG.GRAPH_MEMORY_SIZE": 8, "USL.CMAG.GRAPH_NEIGHBOURS": 3,
         "SOLVER.LOG_PERIOD": 1}
 STEPS_PER_STAGE = 4  # 2 epochs x 2 iterations
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cmag_opts(root, out, **extra):
@@ -175,3 +179,23 @@ def test_converted_released_cmag_checkpoint_evaluates_as_the_authors_weights(syn
     settings = json.load(open(out))["settings"]
     assert settings["method"] == "cmag" and "method_label" not in settings
     assert settings["flip_mode"] == "average_raw" and settings["image_size"] == [64, 32]
+
+
+@pytest.mark.slow
+def test_cmag_under_torchrun_two_processes_gloo(tiny_demo_root, tmp_path):
+    """The CMAG modules sit outside DDP (each process computes the loss of the gathered global
+    batch): two processes train them to the end, with the step's state in the checkpoint."""
+    out = str(tmp_path / "run")
+    # capacity 6: the greedy matching of the tiny clusterings must not run out of partners
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_usl.py")] + cmag_opts(tiny_demo_root, out, **{"USL.MATCH_CAPACITY": 6})
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=420)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = open(os.path.join(out, "train.log")).read()
+    assert "2 process(es)" in log and log.count("stage2 epoch 1 [2/2]") == 1  # rank 0 alone logs
+    last = load_checkpoint(os.path.join(out, "last.pth"))
+    assert last["meta"]["world_size"] == 2 and last["global_step"] == 2 * STEPS_PER_STAGE
+    modules = last["usl"]["step"]["modules"]
+    assert float(modules["cma.gate"]) != 0.0 and int(modules["graph_memory.memory_ptr"]) == STEPS_PER_STAGE * 8
+    assert all(torch.isfinite(v).all() for v in last["usl"]["step"]["ema"].values() if v.is_floating_point())

@@ -272,7 +272,7 @@ def test_method_and_dataset_on_the_command_line(tmp_path):
     # --config after a preset
     cfg = _from_command_line("--method", "ivreid", "--config", str(own))
     assert (cfg.METHOD, cfg.DATASET.NAME) == ("ivreid", "llcm")
-    with pytest.raises(ConfigError, match="no method 'ivried'.*available: cmfn, fusionreid, fusionreid_vi, ivreid"):
+    with pytest.raises(ConfigError, match="no method 'ivried'.*available: cmag, cmfn, fusionreid, fusionreid_vi, ivreid, tokenmatcher"):
         _from_command_line("--method", "ivried")
 
 
