@@ -155,3 +155,28 @@ def read_imagenet_weights(path):
             "conv1.weight, bn1.*, layer1.* ...)" % path
         )
     return state
+
+
+def copy_by_key(module, items, source, what):
+    """Copy the (key, tensor) `items` of a weights file into the same-named entries of
+    `module`'s state dict.
+
+    Items whose key `module` lacks are returned as unused; a tensor whose shape differs from
+    the module's raises :class:`PretrainedWeightsError` naming the file (`source`), the key and
+    `what` the module is. The filled entries are loaded (strict=False). Returns
+    (loaded keys, keys of `module` left unfilled, unused file keys), each sorted; BN batch
+    counters, absent from files saved before torch 0.4.1, are not counted as unfilled.
+    """
+    own = module.state_dict()
+    mapped, unused = {}, []
+    for key, value in items:
+        if key not in own:
+            unused.append(key)
+            continue
+        if own[key].shape != value.shape:
+            raise PretrainedWeightsError("ImageNet weights %s: %s has shape %s, the %s expects %s"
+                                         % (source, key, tuple(value.shape), what, tuple(own[key].shape)))
+        mapped[key] = value
+    missing = sorted(k for k in set(own) - set(mapped) if not k.endswith("num_batches_tracked"))
+    module.load_state_dict(mapped, strict=False)
+    return sorted(mapped), missing, sorted(unused)

@@ -42,7 +42,7 @@ import os
 from torch import nn
 
 from model.backbones.resnet import _preview, _set_first_stride
-from model.pretrained import PretrainedWeightsError, find_imagenet_weights, read_imagenet_weights
+from model.pretrained import PretrainedWeightsError, copy_by_key, find_imagenet_weights, read_imagenet_weights
 from utils.compat import torchvision  # noqa: F401  (makes torchvision.models importable)
 from utils.errors import ConfigError
 import torchvision.models
@@ -96,33 +96,20 @@ def load_imagenet(resnet, weights, source=None):
         source = source or str(weights)
         weights = read_imagenet_weights(weights)
     source = source or "<state dict>"
-    own = resnet.state_dict()
-    mapped, unused = {}, []
-    for key, value in weights.items():
-        if "fc" in key:
-            continue
-        name = key[len("base."):] if key.startswith("base.") else key
-        if name not in own:
-            unused.append(key)
-            continue
-        if own[name].shape != value.shape:
-            raise PretrainedWeightsError(
-                "ImageNet weights %s: %s has shape %s, the %s branch expects %s"
-                % (source, key, tuple(value.shape), resnet.arch, tuple(own[name].shape))
-            )
-        mapped[name] = value
-    if not mapped:
+    # the released loader skips the classifier and strips a leading "base."
+    items = [(key[len("base."):] if key.startswith("base.") else key, value)
+             for key, value in weights.items() if "fc" not in key]
+    loaded, missing, unused = copy_by_key(resnet, items, source, "TransReID %s branch" % resnet.arch)
+    if not loaded:
         raise PretrainedWeightsError(
             "ImageNet weights %s: no entry fits the %s branch (expected torchvision keys conv1.weight, "
             "bn1.*, layer1.* ...; found %s)" % (source, resnet.arch, ", ".join(sorted(weights)[:6]) or "no keys")
         )
-    missing = sorted(k for k in set(own) - set(mapped) if not k.endswith("num_batches_tracked"))
-    resnet.load_state_dict(mapped, strict=False)
     logger.info(
         "ImageNet weights %s: loaded %d tensors into the TransReID %s, %d missing%s, %d unexpected (unused)%s",
-        source, len(mapped), resnet.arch, len(missing), _preview(missing), len(unused), _preview(sorted(unused)),
+        source, len(loaded), resnet.arch, len(missing), _preview(missing), len(unused), _preview(unused),
     )
-    return {"loaded": sorted(mapped), "missing": missing, "unused": sorted(unused)}
+    return {"loaded": loaded, "missing": missing, "unused": unused}
 
 
 def build_transreid_resnet(arch="resnet50", last_stride=1, standard_stem=False, pretrained=False,

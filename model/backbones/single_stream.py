@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbones.resnet import ARCHS, _preview, _set_first_stride
+from model.pretrained import copy_by_key
 from utils.compat import torchvision  # noqa: F401  (makes torchvision.models importable)
 from utils.errors import ConfigError
 import torchvision.models
@@ -95,30 +96,16 @@ class SingleStreamResNet(nn.Module):
         ``fc.*`` has no place here; conv biases (absent from torchvision's files) keep their
         init. Returns ``{"loaded": [...], "missing": [...], "unused": [...]}`` (keys of this
         module / of the file; conv biases and BN batch counters are not counted as missing)
-        and logs the counts; shape mismatches raise.
+        and logs the counts; a shape mismatch raises :class:`model.pretrained.PretrainedWeightsError`.
         """
-        own = self.state_dict()
-        mapped, unused = {}, []
-        for key, value in state.items():
-            if key not in own:
-                unused.append(key)
-                continue
-            if own[key].shape != value.shape:
-                raise ValueError(
-                    "ImageNet weights %s: %s has shape %s, the %s backbone expects %s"
-                    % (source, key, tuple(value.shape), self.arch, tuple(own[key].shape))
-                )
-            mapped[key] = value
+        loaded, missing, unused = copy_by_key(self, state.items(), source, "%s backbone" % self.arch)
         conv_biases = {name + ".bias" for name, m in self.named_modules()
                        if isinstance(m, nn.Conv2d) and m.bias is not None}
-        # Files saved before torch 0.4.1 (the old resnet50-19c8e357.pth) carry no BN batch
-        # counters; those stay at 0 and are not worth a warning.
-        missing = sorted(k for k in set(own) - set(mapped) - conv_biases if not k.endswith("num_batches_tracked"))
-        self.load_state_dict(mapped, strict=False)
+        missing = sorted(set(missing) - conv_biases)
         logger.info(
             "ImageNet weights %s: loaded %d tensors into the single-stream %s (%d conv biases keep their init), "
             "%d missing%s, %d unexpected (in the file, unused)%s",
-            source, len(mapped), self.arch, len(conv_biases - set(mapped)), len(missing), _preview(missing),
+            source, len(loaded), self.arch, len(conv_biases - set(loaded)), len(missing), _preview(missing),
             len(unused), _preview(unused),
         )
-        return {"loaded": sorted(mapped), "missing": missing, "unused": sorted(unused)}
+        return {"loaded": loaded, "missing": missing, "unused": unused}
