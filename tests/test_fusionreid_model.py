@@ -19,7 +19,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from yacs.config import CfgNode as CN
 
 from evaluation.embeddings import distance_from_features, embedding_weights
 from keyed_weights import regenerate, verify
@@ -42,7 +41,7 @@ TRAIN_TOL = dict(rtol=1e-4, atol=1e-4)
 RELEASED_OUTPUTS = dict(zip(HEADS, [("cls_score_r", "global_feat_r"), ("cls_score_f", "global_feat_f")]
                             + [("cls_score_%d" % k, "global_feat_%d" % k) for k in range(1, 5)]))
 
-# The released values of the MODEL.FUSIONREID keys, used when the config defaults lack the node.
+# The MODEL.FUSIONREID defaults: the released values (the VI_* keys: the extension's defaults).
 RELEASED_KEYS = {
     "NUM_CAMERAS": 0, "SIE_CAMERA": True, "SIE_COE": 3.0, "PATCH_SIZE": 16, "STRIDE_SIZE": 12,
     "VIT_EMBED_DIM": 768, "VIT_DEPTH": 12, "VIT_NUM_HEADS": 12, "DROP_PATH": 0.1, "VIT_PRETRAIN_PATH": "",
@@ -60,11 +59,9 @@ FULL = {"INPUT.SIZE_TRAIN": [256, 128], "INPUT.SIZE_TEST": [256, 128], "MODEL.FU
 
 
 def fusionreid_cfg(name="fusionreid", small=True, **opts):
-    """Defaults (+ MODEL.FUSIONREID when absent) with MODEL.NAME `name`, no ImageNet weights,
-    the SMALL sizes when `small`, then `opts` ({"MODEL.FUSIONREID.NUM_CAMERAS": 3, ...})."""
+    """Defaults with MODEL.NAME `name`, no ImageNet weights, the SMALL sizes when `small`, then
+    `opts` ({"MODEL.FUSIONREID.NUM_CAMERAS": 3, ...})."""
     cfg = build_config(freeze=False, validate=False)
-    if "FUSIONREID" not in cfg.MODEL:
-        cfg.MODEL.FUSIONREID = CN(dict(RELEASED_KEYS))
     cfg.MODEL.NAME = name
     cfg.MODEL.PRETRAINED = False
     for key, value in dict(SMALL if small else FULL, **opts).items():
@@ -78,6 +75,10 @@ def fusionreid_cfg(name="fusionreid", small=True, **opts):
 
 def load(name):
     return torch.load(os.path.join(GOLDEN, name + ".pt"), weights_only=True)
+
+
+def test_config_defaults_are_the_released_values():
+    assert dict(build_config(validate=False).MODEL.FUSIONREID) == RELEASED_KEYS
 
 
 def criterion():
