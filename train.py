@@ -102,6 +102,8 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
         criterion = build_criterion(cfg)
         check_outputs(criterion, type(model))
         amp = MixedPrecision(cfg.SOLVER.AMP, ctx.device.type)
+        if amp.warning():
+            logger.warning("%s", amp.warning())
         train_model = wrap_model(model, ctx, cfg.SOLVER.SYNC_BN)
         model = unwrap_model(train_model)
         optimizer = build_optimizer(cfg, model)

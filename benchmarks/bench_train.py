@@ -72,6 +72,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from engine.training import native_bf16  # noqa: E402
 from utils.config import build_config  # noqa: E402
 
 NUM_CLASSES = 395
@@ -347,12 +348,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def native_bf16(device):
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def make_batch(p, k, size, device, seed):
     gen = torch.Generator().manual_seed(seed)
     b = p * k
@@ -469,7 +464,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit("unknown mode(s) %s; choose from %s" % (", ".join(unknown), ", ".join(MODES)))
     skipped = {}
-    if not args.modes and not native_bf16(device):
+    if not args.modes and not native_bf16(device.type):
         modes[modes.index("project_bf16_cl")] = "project_fp32_cl"
         skipped["project_bf16_cl"] = ("no native bf16 kernels on this %s (mkldnn bf16 unsupported): bf16 "
                                       "convolutions would run a slow fallback (pass --modes to run it anyway); "
@@ -551,7 +546,7 @@ def main(argv=None):
         "timed_s": time.perf_counter() - start,
         "machine": {"python": platform.python_version(), "torch": str(torch.__version__),
                     "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "platform": platform.platform(), "native_bf16": native_bf16(device),
+                    "platform": platform.platform(), "native_bf16": native_bf16(device.type),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "load_avg_1m_before": load_before,
                     "load_avg_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},

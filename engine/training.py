@@ -100,6 +100,15 @@ def restore_rng_state(state):
 
 
 # ------------------------------------------------------------------------ mixed precision
+def native_bf16(device_type):
+    """True when the device type has native bf16 kernels (CUDA: the GPU supports bf16; CPU:
+    oneDNN's bf16 path, AVX-512 BF16 / AMX). Without them CPU bf16 convolutions fall back to
+    reference kernels, measured here 21x slower than fp32 for a FusionReID training step."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class MixedPrecision:
     """Autocast context and gradient scaler for one ``SOLVER.AMP`` mode on one device type.
 
@@ -124,6 +133,15 @@ class MixedPrecision:
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def warning(self):
+        """One line for the log when this mode is slow on this device (bf16 on a CPU without
+        native bf16 kernels, :func:`native_bf16`), else ""."""
+        if self.mode == "bf16" and self.device_type == "cpu" and not native_bf16("cpu"):
+            return ("SOLVER.AMP bf16: this CPU (%s) has no native bf16 kernels, so bf16 autocast runs many times "
+                    "slower than fp32 here (a FusionReID step measured 21x); SOLVER.AMP none trains in fp32"
+                    % torch.backends.cpu.get_cpu_capability())
+        return ""
 
 
 # ----------------------------------------------------------------------------- loss guard

@@ -210,3 +210,13 @@ def test_selection_rules():
     assert update_best(cfg, progress, {"test": {"mAP": 0.3}}, 5) and (progress.best_value, progress.best_epoch) == (0.3, 5)
     last = build_config("demo", opts=["SOLVER.SELECT_BY", "last"])
     assert update_best(last, progress, {}, 6) and progress.best_epoch == 6
+
+
+def test_bf16_on_a_cpu_without_native_kernels_is_flagged(monkeypatch):
+    import engine.training as training
+
+    monkeypatch.setattr(training, "native_bf16", lambda device_type: False)
+    assert "no native bf16 kernels" in training.MixedPrecision("auto", "cpu").warning()
+    assert training.MixedPrecision("none", "cpu").warning() == ""
+    monkeypatch.setattr(training, "native_bf16", lambda device_type: True)
+    assert training.MixedPrecision("bf16", "cpu").warning() == ""
