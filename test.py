@@ -307,8 +307,9 @@ def main(argv=None):
     summary = {"per_trial": per_trial, "mean": mean, "std": std}
     from evaluation.trials import format_table
 
-    title = "%s %s (%s, %s)" % (cfg.DATASET.NAME, " ".join(dataset_cls.result_tags(cfg)), settings["feature"],
-                                "flip " + cfg.TEST.FLIP_MODE if cfg.TEST.FLIP else "no flip")
+    title = "%s%s %s (%s, %s)" % (settings["method_label"] + ": " if settings.get("method_label") else "",
+                                  cfg.DATASET.NAME, " ".join(dataset_cls.result_tags(cfg)), settings["feature"],
+                                  "flip " + cfg.TEST.FLIP_MODE if cfg.TEST.FLIP else "no flip")
     print(format_table(dict(summary, num_trials=len(per_trial)), title, verbose=args.verbose))
 
     record = {

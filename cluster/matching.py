@@ -11,7 +11,11 @@ IR on the rows), the other side the columns; ``similarity = exp(rows @ columns.T
 * Pass 2, until every column has a partner: the same rule on a fresh copy of the similarity
   whose already-partnered columns are set to -1000 (rows are not masked, so a row matched in
   pass 1 can be taken again). Only the column lists grow; each row keeps its pass-1 partner.
-  The partner counts are shared by both passes.
+  The partner counts are shared by both passes. A column that gets its partner here stays
+  open, so pass 2 may fill it up to the capacity first and run out of rows before the other
+  columns have one (the released loop then never ends; here :class:`MatchingError`).
+  ``fix_second_pass=True`` closes each column as soon as pass 2 gives it a partner, so every
+  column still without one gets exactly one and pass 2 always completes.
 
 Both passes are bounded by R*C steps, as released. The result :class:`ClusterMatch` holds
 ``r2i`` and ``i2r`` as dicts in insertion order: in the regular branch ``r2i[rgb] = ir`` (int)
@@ -83,13 +87,13 @@ class ClusterMatch:
                 "second_pass_partners": reused}
 
 
-def _greedy(similarity, capacity):
+def _greedy(similarity, capacity, fix_second_pass=False):
     """Both passes on [R, C] float32 numpy; (row -> col dict, col -> rows dict, counts)."""
     n_rows, n_cols = similarity.shape
     counts = np.zeros(n_cols, dtype=np.float32)
     row_to_col, col_to_rows = {}, {}
 
-    def run(cost, done, assign_row):
+    def run(cost, done, assign_row, close_column=False):
         for _ in range(n_rows * n_cols):
             if done():
                 return
@@ -100,6 +104,8 @@ def _greedy(similarity, capacity):
                 col_to_rows.setdefault(c, []).append(r)
                 counts[c] += 1
                 cost[r, :] = _MASKED
+                if close_column:
+                    cost[:, c] = _MASKED
             else:
                 cost[r, c] = _MASKED
 
@@ -109,17 +115,18 @@ def _greedy(similarity, capacity):
                             % (n_rows, n_cols, capacity))
     second = similarity.copy()
     second[:, counts != 0] = _MASKED
-    run(second, lambda: len(col_to_rows) == n_cols, False)
+    run(second, lambda: len(col_to_rows) == n_cols, False, close_column=fix_second_pass)
     if len(col_to_rows) != n_cols:
-        # pass 2 can fill a column up to the capacity before every column has a partner, and
-        # then run out of rows (the released loop would not end)
-        raise MatchingError("cluster matching: pass 2 leaves %d of %d clusters without a partner (capacity %d)"
-                            % (n_cols - len(col_to_rows), n_cols, capacity))
+        raise MatchingError("cluster matching: pass 2 filled the clusters it gave a partner up to the capacity %d "
+                            "and ran out of the %d clusters of the other modality, leaving %d of %d without a "
+                            "partner (the released loop never ends here)"
+                            % (capacity, n_rows, n_cols - len(col_to_rows), n_cols))
     return row_to_col, col_to_rows, counts
 
 
-def match_clusters(centroids_rgb, centroids_ir, capacity=2, allow_mirror=True):
-    """Greedy matching of normalised centroids [C_rgb, D], [C_ir, D]; a :class:`ClusterMatch`."""
+def match_clusters(centroids_rgb, centroids_ir, capacity=2, allow_mirror=True, fix_second_pass=False):
+    """Greedy matching of normalised centroids [C_rgb, D], [C_ir, D]; a :class:`ClusterMatch`
+    (`fix_second_pass`: module docstring)."""
     if capacity < 1:
         raise ValueError("cluster matching: capacity must be >= 1, got %r" % (capacity,))
     mirror = centroids_rgb.shape[0] < centroids_ir.shape[0]
@@ -129,7 +136,7 @@ def match_clusters(centroids_rgb, centroids_ir, capacity=2, allow_mirror=True):
                             % (centroids_rgb.shape[0], centroids_ir.shape[0]))
     rows, columns = (centroids_ir, centroids_rgb) if mirror else (centroids_rgb, centroids_ir)
     similarity = torch.mm(rows, columns.t()).exp().cpu()
-    row_to_col, col_to_rows, counts = _greedy(similarity.numpy(), capacity)
+    row_to_col, col_to_rows, counts = _greedy(similarity.numpy(), capacity, fix_second_pass)
     counts = torch.from_numpy(counts)
     if mirror:
         return ClusterMatch(r2i=col_to_rows, i2r=row_to_col, mirror=True, counts=counts, similarity=similarity)

@@ -131,24 +131,25 @@ def test_circular_memory_as_compiled_fails_clearly_and_fixed_trains(cmag_run, ti
         train_usl.main(cmag_opts(tiny_demo_root, str(tmp_path / "a"), **{"USL.CMAG.CIRCULAR": "as_compiled"})
                        + start)
     out = str(tmp_path / "b")
-    # one epoch: after it, the circular term leaves cluster counts too far apart for the tiny matching
-    assert train_usl.main(cmag_opts(tiny_demo_root, out, **{"USL.CMAG.CIRCULAR": "fixed", "USL.STAGE2.EPOCHS": 1})
-                          + start) == 0
+    # after one epoch, the tiny clusterings run the released second matching pass out of partners
+    assert train_usl.main(cmag_opts(tiny_demo_root, out, **{"USL.CMAG.CIRCULAR": "fixed",
+                                                          "USL.FIX_MATCH_SECOND_PASS": True}) + start) == 0
     log = open(os.path.join(out, "train.log")).read()
     lines = [line for line in log.splitlines() if "stage2 epoch" in line and "] loss" in line]
-    assert len(lines) == 2 and all("circular " in l and "lambda_graph 0.1" in l for l in lines)
+    assert len(lines) == STEPS_PER_STAGE and all("circular " in l and "lambda_graph 0.1" in l for l in lines)
     modules = load_checkpoint(os.path.join(out, "last.pth"))["usl"]["step"]["modules"]
     assert any(k.startswith("circular_memory.") for k in modules) and not any(k.startswith("graph_memory.")
                                                                               for k in modules)
 
 
-def test_test_py_labels_a_cmag_model(cmag_run, tiny_demo_root, tmp_path, one_thread):
+def test_test_py_labels_a_cmag_model(cmag_run, tiny_demo_root, tmp_path, one_thread, capsys):
     out = str(tmp_path / "result.json")
     test_py.main(["--method", "cmag", "--dataset", "demo", "--resume", os.path.join(cmag_run, "best.pth"),
                   "DATASET.ROOT", tiny_demo_root, "DATASET.DEMO_TRAIN_IDS", "10", "DATASET.DEMO_TEST_IDS", "6",
                   "INPUT.SIZE_TEST", "[64,32]", "TEST.NUM_TRIALS", "1", "--output", out])
     result = json.load(open(out))
     assert result["settings"]["method_label"] == METHOD_LABEL and result["settings"]["flip_mode"] == "average_raw"
+    assert METHOD_LABEL + ": demo" in capsys.readouterr().out  # the printed table's title
     trained = [r for r in read_metrics(os.path.join(cmag_run, "metrics.jsonl")) if r["kind"] == "eval"][-1]
     assert result["mean"]["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
 
@@ -186,9 +187,9 @@ def test_cmag_under_torchrun_two_processes_gloo(tiny_demo_root, tmp_path):
     """The CMAG modules sit outside DDP (each process computes the loss of the gathered global
     batch): two processes train them to the end, with the step's state in the checkpoint."""
     out = str(tmp_path / "run")
-    # capacity 6: the greedy matching of the tiny clusterings must not run out of partners
+    # the tiny clusterings can run the released second matching pass out of partners
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train_usl.py")] + cmag_opts(tiny_demo_root, out, **{"USL.MATCH_CAPACITY": 6})
+           os.path.join(ROOT, "train_usl.py")] + cmag_opts(tiny_demo_root, out, **{"USL.FIX_MATCH_SECOND_PASS": True})
     result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -184,6 +184,33 @@ def test_matching_errors():
         match_clusters(F.normalize(torch.randn(5, 4), dim=1), F.normalize(torch.randn(2, 4), dim=1))
 
 
+def test_second_pass_fix_gives_each_unmatched_cluster_one_partner():
+    """9 x 9 random centroids, capacity 6: the released second pass fills one cluster and runs
+    out of rows for some seeds; the fix never does, keeps pass 1, and adds one partner each."""
+    failed = 0
+    for seed in range(60):
+        gen = torch.Generator().manual_seed(seed)
+        rgb = F.normalize(torch.randn(9, 16, generator=gen), dim=1)
+        ir = F.normalize(torch.randn(9, 16, generator=gen), dim=1)
+        fixed = match_clusters(rgb, ir, capacity=6, fix_second_pass=True)
+        try:
+            released = match_clusters(rgb, ir, capacity=6)
+        except MatchingError as exc:
+            assert "ran out of the 9 clusters" in str(exc)
+            failed += 1
+        else:
+            assert released.r2i == fixed.r2i
+        assert sorted(fixed.i2r) == list(range(9))
+        # pass 1 is the same; pass 2 added exactly one row to each column pass 1 left empty
+        pass1 = {}
+        for r, c in fixed.r2i.items():
+            pass1.setdefault(c, []).append(r)
+        for c, members in fixed.i2r.items():
+            assert members[:len(pass1.get(c, []))] == pass1.get(c, [])
+            assert len(members) == len(pass1[c]) if c in pass1 else len(members) == 1
+    assert failed > 0  # the case exists
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ("sysu", "regdb_mirror"))
 def test_relabelling_and_mixed_memories_match_golden(matching, case, dtype):

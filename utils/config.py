@@ -513,8 +513,12 @@ _C.USL.FIX_PRUNE_SKIP = False
 # SYSU stage 2 matches with fewer RGB than IR clusters (the RegDB mirror branch) instead of
 # stopping with an error, as the released script does;
 _C.USL.FIX_SYSU_MIRROR_BRANCH = False
-# the mate loss keeps its rows in ascending order, aligned with their targets.
+# the mate loss keeps its rows in ascending order, aligned with their targets;
 _C.USL.FIX_MATE_ROW_ORDER = False
+# the matching's second pass gives each cluster still without a partner exactly one (released:
+# it may fill the clusters it partners up to USL.MATCH_CAPACITY first and run out of clusters to
+# give, where the released loop never ends and this project stops with an error).
+_C.USL.FIX_MATCH_SECOND_PASS = False
 # Evaluation (test protocol) of stages 1 and 2: every EVAL_PERIOD epochs from epoch EVAL_START
 # (0-based; released: every epoch from 6), and always at a stage's last epoch.
 _C.USL.EVAL_START = 6

@@ -293,10 +293,11 @@ class EpochLabeller:
             stats["neighbours"] = neighbour_stats(neighbours, removed)
         try:
             match = match_clusters(centroids[VISIBLE], centroids[INFRARED], usl.MATCH_CAPACITY,
-                                   allow_mirror=cfg.DATASET.NAME == "regdb" or usl.FIX_SYSU_MIRROR_BRANCH)
+                                   allow_mirror=cfg.DATASET.NAME == "regdb" or usl.FIX_SYSU_MIRROR_BRANCH,
+                                   fix_second_pass=usl.FIX_MATCH_SECOND_PASS)
         except MatchingError as exc:
-            raise ClusteringError("stage2: %s: the two modalities' cluster counts are too far apart for the greedy "
-                                  "matching (USL.MATCH_CAPACITY, the DBSCAN radius USL.CLUSTER.EPS)" % exc) from None
+            raise ClusteringError("stage2: %s; USL.FIX_MATCH_SECOND_PASS True gives each unmatched cluster one partner "
+                                  "in the second pass (and a smaller USL.MATCH_CAPACITY makes this rarer)" % exc) from None
         stats["match"] = match_stats(match, labels["rgb"], self.listings[VISIBLE].true_pids, labels["ir"],
                                      self.listings[INFRARED].true_pids)
         mixed_ir, mixed_rgb = mixed_centroids(f_rgb, f_ir, labels["rgb"], labels["ir"], match)
