@@ -26,34 +26,25 @@ import torch
 from engine.distributed import any_across_ranks, barrier, cleanup, init_distributed, unwrap_model, wrap_model
 from engine.evaluate import evaluate, evaluation_due, evaluation_splits, update_best
 from engine.loop import train_one_epoch
-from engine.run_config import check_run_config, config_differences, resolve_run_config
+from engine.run_config import (add_run_arguments, check_run_config, config_differences, parse_run_arguments,
+                               resolve_run_config)
 from engine.run_dir import BEST_CHECKPOINT, CONFIG_FILE, open_run, trim_metrics
 from engine.solver import build_optimizer, build_scheduler
 from engine.state import Progress, make_state, restore_state, save_last
 from engine.training import (GracefulStop, MixedPrecision, check_finite_state, configure_determinism, seed_epoch,
                              seed_everything)
-from utils.config import add_config_arguments, get_default_config, is_config_key
+from utils.config import get_default_config
 from utils.errors import ConfigError, run_cli
 from utils.io import save_text
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a re-identification method.")
-    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                        help="continue a run from checkpoint PATH (default: OUTPUT_DIR/last.pth); without "
-                             "--method/--dataset/--config the checkpoint's own config is used (overrides still apply)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an OUTPUT_DIR that already holds a run (deletes its files)")
+    add_run_arguments(parser)
     parser.add_argument("--check-sync", action="store_true",
                         help="debugging: after every step check that all DDP processes hold identical "
                              "parameters (one broadcast of the model per step)")
-    add_config_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
-    # "--resume KEY VALUE": a config key is never a checkpoint path, so PATH was left out.
-    if args.resume and not os.path.exists(args.resume) and is_config_key(args.resume):
-        args.opts.insert(0, args.resume)
-        args.resume = ""
-    return args
+    return parse_run_arguments(parser, argv)
 
 
 def train(cfg, args, ctx, resume_ckpt, resume_path, notes):

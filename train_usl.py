@@ -34,14 +34,14 @@ import torch
 
 from engine.checkpoint import CheckpointError
 from engine.distributed import any_across_ranks, barrier, cleanup, init_distributed, unwrap_model, wrap_model
-from engine.run_config import config_differences, resolve_run_config
+from engine.run_config import add_run_arguments, config_differences, parse_run_arguments, resolve_run_config
 from engine.run_dir import CONFIG_FILE, open_run
 from engine.training import GracefulStop, MixedPrecision, check_finite_state, configure_determinism, seed_everything
 from engine.usl.stages import run_plan
 from engine.usl.state import (BEST, USLProgress, camera_local_file, check_usl_checkpoint, load_camera_local,
                               make_state, restore_progress, save_camera_local, save_last, save_model,
                               stage_best_file, trim_usl_metrics)
-from utils.config import add_config_arguments, get_default_config, is_config_key
+from utils.config import get_default_config
 from utils.errors import ConfigError, run_cli
 from utils.io import save_text
 
@@ -50,22 +50,12 @@ DEFAULT_METHOD = "tokenmatcher"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train an unsupervised visible-infrared ReID method.")
-    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                        help="continue a run from checkpoint PATH (default: OUTPUT_DIR/last.pth); without "
-                             "--method/--dataset/--config the checkpoint's own config is used (overrides still apply)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an OUTPUT_DIR that already holds a run (deletes its files)")
+    add_run_arguments(parser)
     parser.add_argument("--stage", metavar="NAME", help="run this stage alone (stage1, cam0..cam5, stage2); "
                                                         "needs --from")
     parser.add_argument("--from", dest="from_ckpt", metavar="CKPT",
                         help="with --stage: the checkpoint whose weights the stage starts from")
-    add_config_arguments(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i, token in enumerate(argv[:-1]):
-        # "--resume KEY VALUE": a config key is never a checkpoint path, so PATH was left out
-        if token == "--resume" and not os.path.exists(argv[i + 1]) and is_config_key(argv[i + 1]):
-            argv[i] = "--resume="
-    args = parser.parse_intermixed_args(argv)
+    args = parse_run_arguments(parser, argv)
     if args.method is None and not (args.resume and not args.dataset and not args.config):
         args.method = DEFAULT_METHOD
     return args

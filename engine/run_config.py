@@ -11,8 +11,30 @@ import os
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.run_dir import LAST_CHECKPOINT
 from engine.training import MixedPrecision
-from utils.config import config_from_args, config_from_string, default_output_dir, merge_from_list, validate_config
+from utils.config import (add_config_arguments, config_from_args, config_from_string, default_output_dir,
+                          is_config_key, merge_from_list, validate_config)
 from utils.errors import ConfigError
+
+
+def add_run_arguments(parser):
+    """The options every training entry point takes: --resume [PATH], --overwrite and the
+    config arguments (--method, --dataset, --config, trailing KEY VALUE pairs)."""
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                        help="continue a run from checkpoint PATH (default: OUTPUT_DIR/last.pth); without "
+                             "--method/--dataset/--config the checkpoint's own config is used (overrides still apply)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an OUTPUT_DIR that already holds a run (deletes its files)")
+    add_config_arguments(parser)
+
+
+def parse_run_arguments(parser, argv=None):
+    """Parse `argv` (default sys.argv) with `parser` (:func:`add_run_arguments`); in "--resume
+    KEY VALUE" the key is an override, not the checkpoint (a config key is never a path)."""
+    args = parser.parse_intermixed_args(argv)
+    if args.resume and not os.path.exists(args.resume) and is_config_key(args.resume):
+        args.opts.insert(0, args.resume)
+        args.resume = ""
+    return args
 
 
 def _flatten(cfg, prefix=""):

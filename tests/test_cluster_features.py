@@ -2,17 +2,15 @@
 sharded over two gloo processes (the torchrun layout), against a per-image computation."""
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from gloo_processes import run_gloo
 from cluster.features import extract_train_features
 
 TIMEOUT_S = 90
@@ -105,22 +103,9 @@ def _worker(rank, port, out_dir, n):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("n", [11])
 def test_sharded_over_two_processes_and_gathered(tmp_path, n):
-    context = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), n), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the 2 gloo processes did not finish within %d s" % TIMEOUT_S)
+    run_gloo(_worker, (str(tmp_path), n), 2, TIMEOUT_S)
     want = expected(Toy(), Images(n), "infrared", "pool")
     outs = [torch.load(tmp_path / ("rank%d.pt" % r), weights_only=True) for r in range(2)]
     for out in outs:

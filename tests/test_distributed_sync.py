@@ -8,16 +8,14 @@ one ulp on one rank, then restore it.
 import datetime
 import json
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from engine.distributed import DistContext, parameters_in_sync
+from gloo_processes import run_gloo
 
 WORLD_SIZE = 2
 TIMEOUT_S = 60
@@ -62,23 +60,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("sync"))
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD_SIZE, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("the %d gloo processes did not finish within %d s" % (WORLD_SIZE, TIMEOUT_S))
+    run_gloo(_worker, (out_dir,), WORLD_SIZE, TIMEOUT_S)
     out = {}
     for rank in range(WORLD_SIZE):
         with open(os.path.join(out_dir, "rank%d.json" % rank)) as f:

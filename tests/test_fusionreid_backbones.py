@@ -13,12 +13,13 @@ loaders on small local files (nothing is downloaded) and hand-checked behaviour 
 init, errors). The golden files were made at 1 thread; tolerances are those the golden README
 measured for 2 threads.
 """
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
 import keyed_weights as kw
+from fusionreid_golden import GOLDEN, load_golden
 import model.pretrained as pretrained
 from model.backbones import resnet_transreid, vit
 from model.backbones.resnet_transreid import TransReIDResNet, build_transreid_resnet
@@ -29,18 +30,13 @@ from utils.errors import ConfigError
 
 torch.set_num_threads(2)
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "fusionreid"
 EVAL_TOL = dict(rtol=1e-5, atol=1e-5)
 TRAIN_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _load(name):
-    return torch.load(GOLDEN / name, weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def resnet_case():
-    return _load("resnet50.pt")
+    return load_golden("resnet50.pt")
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +46,13 @@ def resnet_weights(resnet_case):
 
 @pytest.fixture(scope="module")
 def vit_case():
-    return _load("vit_small.pt")
+    return load_golden("vit_small.pt")
 
 
 def _released_layout():
     """{key: (shape, status)} of the released FusionReID state dict (Market-1501)."""
     layout = {}
-    for line in (GOLDEN / "state_dict_keys.txt").read_text().splitlines():
+    for line in open(os.path.join(GOLDEN, "state_dict_keys.txt")).read().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         key, shape, _dtype, status = line.split()[:4]
@@ -90,13 +86,13 @@ def _check_probe(mine, probe, tol):
 
 def test_keyed_rule_reproduces_stored_checksums_and_ranges():
     for name in ("gem.pt", "resnet50.pt"):
-        table = _load(name)["weights"]
+        table = load_golden(name)["weights"]
         tensors = kw.regenerate(table)
         assert kw.verify(tensors, table) == []
         for key, entry in table["keys"].items():
             if entry["dtype"] != "int64":
                 assert kw.kind_and_range(key, entry["shape"])[1:] == (entry["lo"], entry["hi"]), key
-    table = _load("vit_small.pt")["pretrained_weights"]
+    table = load_golden("vit_small.pt")["pretrained_weights"]
     tensors = {k: kw.keyed_uniform(table["key_prefix"] + k, e["shape"], e["lo"], e["hi"], table["case_seed"])
                for k, e in table["keys"].items()}
     assert kw.verify(tensors, table) == []
@@ -117,7 +113,7 @@ def test_keyed_values_are_a_function_of_key_seed_and_range():
 
 
 def test_gem_matches_golden_with_gradients():
-    case = _load("gem.pt")
+    case = load_golden("gem.pt")
     gem = GeM(**case["init_args"])
     gem.load_state_dict(case["state_dict"])
     x = case["inputs"]["x"].clone().requires_grad_(True)

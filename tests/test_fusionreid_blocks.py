@@ -7,11 +7,10 @@ keyed weights). Each case is run in eval mode (BN running statistics) and in tra
 statistics, buffers updated once), and compared with the released outputs and intermediates
 within the tolerances measured between thread counts (eval 1e-5, train 1e-4).
 """
-import os
-
 import pytest
 import torch
 
+from fusionreid_golden import capture, load_golden
 from keyed_weights import regenerate, verify
 from model.fusionreid import convert
 from model.fusionreid.htm import HeterogeneousTransmissionModule, HTMLayer
@@ -19,13 +18,8 @@ from model.fusionreid.lru import LocalRefinementUnit
 from model.fusionreid.mfu import MutualFusionUnit
 from model.fusionreid.seu import SharedEncodingUnit
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "fusionreid")
 EVAL_TOL = dict(rtol=1e-5, atol=1e-5)
 TRAIN_TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-def load(name):
-    return torch.load(os.path.join(GOLDEN, name + ".pt"), weights_only=True)
 
 
 def golden_weights(case):
@@ -45,17 +39,6 @@ def converted(case, key_map):
         assert mapped is not None, key
         out[mapped] = value
     return out
-
-
-def capture(module, names):
-    """Forward hooks storing the output of the sub-modules `names` (first tensor of a tuple)."""
-    seen = {}
-    modules = dict(module.named_modules())
-    for name in names:
-        def hook(_, __, out, name=name):
-            seen[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()
-        modules[name].register_forward_hook(hook)
-    return seen
 
 
 def run_case(case, build, key_map, call, intermediates, outputs_as=lambda outs: outs):
@@ -95,7 +78,7 @@ LRU_INTERMEDIATES = {"dwconv": "depthwise", "bn1": "bn1", "act1": "act1", "ptcon
 
 @pytest.mark.parametrize("name", ["lru_res", "lru_former"])
 def test_local_refinement_unit_matches_released(name):
-    case = load(name)
+    case = load_golden(name + ".pt")
     args = case["init_args"]
     run_case(case, lambda: LocalRefinementUnit(args["dim"], args["out_dim"]), convert.lru_key,
              lambda m, x: (m(x),), LRU_INTERMEDIATES)
@@ -109,7 +92,7 @@ def test_local_refinement_unit_uses_one_prelu_slope_and_keeps_the_map_size():
 
 
 def test_shared_encoding_unit_matches_released():
-    case = load("seu")
+    case = load_golden("seu.pt")
     inter = {"blocks.0.norm1": "block.norm1", "blocks.0.attn": "block.attn", "blocks.0.norm2": "block.norm2",
              "blocks.0.mlp": "block.mlp", "blocks.0": "block", "norm": "norm"}
     run_case(case, lambda: SharedEncodingUnit(case["init_args"]["embed_dim"]), convert.seu_key,
@@ -124,7 +107,7 @@ def test_shared_encoding_unit_has_no_qkv_bias_and_layernorm_eps_1e5():
 
 
 def test_mutual_fusion_unit_matches_released():
-    case = load("mfu")
+    case = load_golden("mfu.pt")
     inter = {"blocks.0.norm1": "norm1", "blocks.0.attn.norm": "key_norm", "blocks.0.attn": "proj",
              "blocks.0.norm2": "norm2", "blocks.0.mlp": "mlp"}
     run_case(case, lambda: MutualFusionUnit(case["init_args"]["embed_dim"]), convert.mfu_key,
@@ -154,7 +137,7 @@ def test_mutual_fusion_unit_values_skip_the_key_layernorm():
 
 
 def test_htm_layer_matches_released():
-    case = load("htm_layer")
+    case = load_golden("htm_layer.pt")
     inter = {"SEU1": "encode_cnn", "SEU2": "encode_vit", "MUF_RES.blocks.0.attn": "fuse_cnn.proj",
              "MUF_RES": "fuse_cnn", "MFU_FORMER.blocks.0.attn": "fuse_vit.proj", "MFU_FORMER": "fuse_vit"}
     run_case(case, lambda: HTMLayer(case["init_args"]["embed_dim"]), convert.htm_layer_key,
@@ -162,7 +145,7 @@ def test_htm_layer_matches_released():
 
 
 def test_htm_stack_matches_released_and_rereads_the_original_tokens():
-    case = load("htm")
+    case = load_golden("htm.pt")
     args = case["init_args"]
     inter = {}
     for i in range(args["depth"]):

@@ -11,13 +11,14 @@ import os
 import pytest
 import torch
 
+from fusionreid_golden import GOLDEN
 from model.backbones.resnet_transreid import TransReIDResNet
 from model.backbones.vit import OverlapViT
 from model.fusionreid import convert
 from model.fusionreid.convert import convert_state_dict
 from model.fusionreid.fusionreid import FusionReID
 
-LISTING = os.path.join(os.path.dirname(__file__), "golden", "fusionreid", "state_dict_keys.txt")
+LISTING = os.path.join(GOLDEN, "state_dict_keys.txt")
 
 
 def released_layout(device="meta"):

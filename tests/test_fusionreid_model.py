@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.embeddings import distance_from_features, embedding_weights
+from fusionreid_golden import GOLDEN, capture, load_golden
 from keyed_weights import regenerate, verify
 from loss.fusionreid import FusionReIDCriterion
 from loss.cross_entropy import identity_loss
@@ -33,7 +34,6 @@ import torchvision.models
 from utils.config import build_config
 from utils.errors import ConfigError
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "fusionreid")
 EVAL_TOL = dict(rtol=1e-5, atol=1e-5)
 FULL_EVAL_TOL = dict(rtol=1e-5, atol=2e-5)
 TRAIN_TOL = dict(rtol=1e-4, atol=1e-4)
@@ -73,10 +73,6 @@ def fusionreid_cfg(name="fusionreid", small=True, **opts):
     return cfg
 
 
-def load(name):
-    return torch.load(os.path.join(GOLDEN, name + ".pt"), weights_only=True)
-
-
 def test_config_defaults_are_the_released_values():
     assert dict(build_config(validate=False).MODEL.FUSIONREID) == RELEASED_KEYS
 
@@ -84,16 +80,6 @@ def test_config_defaults_are_the_released_values():
 def criterion():
     cfg = build_config(opts=["LOSS.NAME", "fusionreid", "LOSS.LABEL_SMOOTH", "0.1"], validate=False)
     return FusionReIDCriterion(cfg)
-
-
-def capture(module, names):
-    seen = {}
-    modules = dict(module.named_modules())
-    for name in names:
-        def hook(_, __, out, name=name):
-            seen[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()
-        modules[name].register_forward_hook(hook)
-    return seen
 
 
 def assert_probe(tensor, probe, tol):
@@ -131,7 +117,7 @@ def small_batch(n=4, seed=0):
 # golden: the fusion part at full size
 
 def test_dmf_matches_released_at_full_size():
-    case = load("dmf")
+    case = load_golden("dmf.pt")
     released = regenerate(case["weights"])
     assert not verify(released, case["weights"])
     state = {convert.dmf_key(k): v for k, v in released.items()}
@@ -169,7 +155,7 @@ def test_dmf_matches_released_at_full_size():
 
 @pytest.fixture(scope="module")
 def full_case():
-    return load("full_model")
+    return load_golden("full_model.pt")
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +419,7 @@ def test_exactly_zero_gradients_are_the_released_twelve(small):
     total.backward()
     scale = max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None)
     zero = {n for n, p in model.named_parameters() if p.requires_grad and float(p.grad.abs().max()) <= 1e-12 * scale}
-    released = load("full_model")["grads_f32_vs_f64"]["structurally_zero"]
+    released = load_golden("full_model.pt")["grads_f32_vs_f64"]["structurally_zero"]
     assert len(released) == 12
     assert zero == {convert.model_key(k) for k in released} - {"cnn.bn1.bias"}
 

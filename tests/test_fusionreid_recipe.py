@@ -1,11 +1,10 @@
 """FusionReID's losses, optimizer groups and learning-rate schedule against the released code
 (tests/golden/fusionreid/losses.pt and schedule.pt: values produced by running it)."""
-import os
-
 import pytest
 import torch
 from torch import nn
 
+from fusionreid_golden import load_golden
 from engine.solver import LRScheduler, bias_groups, build_optimizer, build_scheduler
 from loss.cross_entropy import identity_loss
 from loss.fusionreid import HEADS as CRITERION_HEADS, FusionReIDCriterion
@@ -13,12 +12,7 @@ from loss.triplet import hardest_distances, triplet_loss
 from utils.config import build_config
 from utils.errors import ConfigError
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "fusionreid")
 HEADS = ["cnn", "vit", "lru_cnn", "lru_vit", "htm_cnn", "htm_vit"]
-
-
-def _golden(name):
-    return torch.load(os.path.join(GOLDEN, name), weights_only=True)
 
 
 def _cfg(*opts):
@@ -35,7 +29,7 @@ def _inputs(case, dtype=torch.float32):
 
 
 def test_label_smoothed_ce_and_triplets_match_the_released_losses():
-    case = _golden("losses.pt")
+    case = load_golden("losses.pt")
     want, grads = case["outputs_eval"], case["grads"]
     x = _inputs(case)
     lsce = identity_loss(x["logits_cnn"], x["pids"], label_smooth=0.1)
@@ -65,7 +59,7 @@ def test_anchor_is_its_own_positive_at_distance_1e_6():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_six_head_criterion_matches_the_released_sum(dtype):
-    case = _golden("losses.pt")
+    case = load_golden("losses.pt")
     want, grads = case["outputs_eval"], case["grads"]["six_head_total"]
     crit = FusionReIDCriterion(_cfg("LOSS.LABEL_SMOOTH", 0.1))
     assert tuple(_cfg().LOSS.FUSIONREID.HEADS) == CRITERION_HEADS == tuple(HEADS)
@@ -85,7 +79,7 @@ def test_six_head_criterion_matches_the_released_sum(dtype):
 
 
 def test_hinge_variant_and_bad_heads():
-    case = _golden("losses.pt")
+    case = load_golden("losses.pt")
     crit = FusionReIDCriterion(_cfg("LOSS.LABEL_SMOOTH", 0.1, "LOSS.FUSIONREID.SOFT_MARGIN", False,
                                     "LOSS.FUSIONREID.HEADS", ["cnn"]))
     x = _inputs(case)
@@ -117,7 +111,7 @@ def _recipe_cfg(*opts):
 
 
 def test_bias_groups_and_schedule_match_the_released_optimizer():
-    case = _golden("schedule.pt")
+    case = load_golden("schedule.pt")
     model = _Tiny()
     cfg = _recipe_cfg()
     opt = build_optimizer(cfg, model)

@@ -220,3 +220,11 @@ def test_bf16_on_a_cpu_without_native_kernels_is_flagged(monkeypatch):
     assert training.MixedPrecision("none", "cpu").warning() == ""
     monkeypatch.setattr(training, "native_bf16", lambda device_type: True)
     assert training.MixedPrecision("bf16", "cpu").warning() == ""
+
+
+def test_train_usl_reads_resume_key_value_as_an_override():
+    import train_usl
+
+    args = train_usl.parse_args(["--resume", "USL.STAGE1.EPOCHS", "3", "--stage", "stage2"])
+    assert (args.resume, args.opts, args.stage) == ("", ["USL.STAGE1.EPOCHS", "3"], "stage2")
+    assert train_usl.parse_args(["--dataset", "demo"]).method == "tokenmatcher"
