@@ -93,8 +93,9 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, notes):
         criterion = build_criterion(cfg)
         check_outputs(criterion, type(model))
         amp = MixedPrecision(cfg.SOLVER.AMP, ctx.device.type)
-        if amp.warning():
-            logger.warning("%s", amp.warning())
+        slow_amp = amp.warning()
+        if slow_amp:
+            logger.warning("%s", slow_amp)
         train_model = wrap_model(model, ctx, cfg.SOLVER.SYNC_BN)
         model = unwrap_model(train_model)
         optimizer = build_optimizer(cfg, model)

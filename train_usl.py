@@ -176,8 +176,9 @@ def train(cfg, args, ctx, resume_ckpt, resume_path, plan, notes):
         if cfg.USL.SAME_STEM_INIT and not cfg.MODEL.PRETRAINED:
             model.stems["infrared"].load_state_dict(model.stems["visible"].state_dict())
         amp = MixedPrecision(cfg.SOLVER.AMP, ctx.device.type)
-        if amp.warning():
-            logger.warning("%s", amp.warning())
+        slow_amp = amp.warning()
+        if slow_amp:
+            logger.warning("%s", slow_amp)
         # a camera-local run trains one modality's stem only: the other one's parameters sit out
         train_model = wrap_model(model, ctx, cfg.SOLVER.SYNC_BN, find_unused_parameters=True)
         model = unwrap_model(train_model)
