@@ -17,10 +17,14 @@ Each measurement runs in a fresh process (the same features from the same seed):
   numpy's BLAS, the per-image loops, dense [N, N] float32 matrices) and sklearn's DBSCAN on
   the dense matrix.
 
-Per stage (knn, jaccard, dbscan) it records wall and process CPU time; memory is the peak
-resident set size of the step above the process's size just before it (features and imports
-already loaded; the kernel's peak counter is reset there), plus the absolute peak; on CUDA
-also torch's peak allocated GPU memory. tracemalloc is not used: it does not see torch's
+Per stage (knn, jaccard, dbscan) it records wall and process CPU time, and for the
+implementation also, after the step and outside its total, the time of the float32 products
+alone that its exact search computes (``exact_products``: each pair of row blocks once, about
+half of the N^2 D multiply-adds). No exact search that computes them can beat the reference
+by more than the reference's total over that time (``speedup.*_bound_exact_products``).
+Memory is the peak resident set size of the step above the process's size just before it
+(features and imports already loaded; the kernel's peak counter is reset there), plus the
+absolute peak; on CUDA also torch's peak allocated GPU memory. tracemalloc is not used: it does not see torch's
 allocator and slows the reference's Python loops. The labels of both runs are compared
 exactly, and the pseudo-label quality against the synthetic identities (NMI, ARI) is shown.
 
@@ -143,6 +147,16 @@ def worker(args):
         labels = _stage(times, "dbscan", lambda: reference_dbscan(dense, args.eps), sync)
         extra = {}
     peak = _kib("VmHWM")
+    if args.impl == "implementation":
+        from cluster.knn import block_pairs, products
+
+        def exact_products():
+            for a, ea, b, eb in block_pairs(args.n, args.memory_mb)[1]:
+                products(x[a:ea], x[b:eb])
+
+        floor = {}
+        _stage(floor, "products", exact_products, sync)
+        extra["exact_products"] = floor["products"]
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     np.save(args.labels_out, labels)
@@ -259,6 +273,8 @@ def main(argv=None):
                         ref_knn, own_knn = reference["stages"]["knn"][key], mine["stages"]["knn"][key]
                         case["speedup"].update({clock: ref_t / own_t, clock + "_knn": ref_knn / own_knn,
                                                 clock + "_excluding_knn": (ref_t - ref_knn) / (own_t - own_knn)})
+                        if "exact_products" in mine:
+                            case["speedup"][clock + "_bound_exact_products"] = ref_t / mine["exact_products"][key]
                     if ref_n == n:
                         case["targets_met"] = {
                             "speedup_wall": case["speedup"]["wall"] >= TARGET_SPEEDUP,

@@ -56,10 +56,20 @@ def _block_candidates(d, width):
     return torch.topk(d, min(width, d.shape[1]), dim=1, largest=False, sorted=False)
 
 
-def _products(rows, cols):
-    """[R, C] float32 products rows @ cols.T of [R, D] and [C, D] (on the CPU through numpy's
-    BLAS, module docstring): every distance of a search comes from here, so that the tie
-    check and the recomputation of tied rows see the same rounding."""
+def block_pairs(n, memory_mb=DEFAULT_MEMORY_MB):
+    """(block, [(a, ea, b, eb), ...]): the row block size of the torch search over n rows and
+    the pairs of row ranges whose products it computes, each unordered pair once (b >= a)."""
+    largest = max(1, int(math.sqrt(memory_mb * (1 << 20) / 16)))
+    # equal blocks: a short last block would cost a full block's share of the pairs
+    block = -(-n // -(-n // largest))
+    starts = list(range(0, n, block))
+    return block, [(a, min(a + block, n), b, min(b + block, n)) for a in starts for b in starts if b >= a]
+
+
+def products(rows, cols):
+    """[R, C] float32 products rows @ cols.T of [R, D] and [C, D], on the CPU through numpy's
+    BLAS (module docstring). The rounding of an entry may depend on R and C (BLAS picks its
+    kernels by shape): a tied row's recomputation ranks its own recomputed distances."""
     if rows.device.type != "cpu":
         return rows @ cols.T
     with threadpool_limits(torch.get_num_threads(), user_api="blas"):
@@ -70,27 +80,19 @@ def _torch_search(x, k, memory_mb):
     n, dev = x.shape[0], x.device
     width = min(k + 1, n)
     norms = (x * x).sum(1)
-    largest = max(1, int(math.sqrt(memory_mb * (1 << 20) / 16)))
-    # equal blocks: a short last block would cost a full block's share of the pairs
-    block = -(-n // -(-n // largest))
+    block, pairs = block_pairs(n, memory_mb)
     best_d = torch.full((n, width), float("inf"), device=dev)
     best_i = torch.full((n, width), -1, dtype=torch.int64, device=dev)
-    starts = list(range(0, n, block))
-    for a in starts:
-        ea = min(a + block, n)
-        for b in starts:
-            if b < a:
-                continue
-            eb = min(b + block, n)
-            d = (norms[a:ea, None] + norms[None, b:eb]).sub_(_products(x[a:ea], x[b:eb]), alpha=2)
-            if a == b:
-                # the item itself first, whatever rounding does to its zero distance
-                d.fill_diagonal_(float("-inf"))
-            top_d, pos = _block_candidates(d, width)
-            best_d[a:ea], best_i[a:ea] = _merge(best_d[a:ea], best_i[a:ea], top_d, pos + b, width)
-            if a != b:
-                top_d, pos = _block_candidates(d.T, width)
-                best_d[b:eb], best_i[b:eb] = _merge(best_d[b:eb], best_i[b:eb], top_d, pos + a, width)
+    for a, ea, b, eb in pairs:
+        d = (norms[a:ea, None] + norms[None, b:eb]).sub_(products(x[a:ea], x[b:eb]), alpha=2)
+        if a == b:
+            # the item itself first, whatever rounding does to its zero distance
+            d.fill_diagonal_(float("-inf"))
+        top_d, pos = _block_candidates(d, width)
+        best_d[a:ea], best_i[a:ea] = _merge(best_d[a:ea], best_i[a:ea], top_d, pos + b, width)
+        if a != b:
+            top_d, pos = _block_candidates(d.T, width)
+            best_d[b:eb], best_i[b:eb] = _merge(best_d[b:eb], best_i[b:eb], top_d, pos + a, width)
     # order by (distance, index): a stable sort by distance of the index-sorted candidates
     best_i, by_index = torch.sort(best_i, dim=1)
     best_d = best_d.gather(1, by_index)
@@ -100,7 +102,7 @@ def _torch_search(x, k, memory_mb):
         tied = torch.nonzero(best_d[:, k - 1] == best_d[:, k]).flatten()
         for s in range(0, len(tied), block):
             rows = tied[s:s + block]
-            d = (norms[rows, None] + norms[None, :]).sub_(_products(x[rows], x), alpha=2)
+            d = (norms[rows, None] + norms[None, :]).sub_(products(x[rows], x), alpha=2)
             d[torch.arange(len(rows), device=dev), rows] = float("-inf")
             best_i[rows, :k] = torch.sort(d, dim=1, stable=True).indices[:, :k]
     return best_i[:, :k]

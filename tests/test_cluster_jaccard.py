@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.jaccard import SparseJaccard, jaccard_distance, jaccard_from_weights, kreciprocal_weights
-from cluster.knn import nearest_neighbours
+from cluster.knn import block_pairs, nearest_neighbours, products
 from evaluation.kreciprocal import (SparseRows, expanded_sets, half_k, overlap_blocks, query_expansion,
                                     reciprocal_lists)
 from reference_jaccard import reference_initial_rank, reference_jaccard
@@ -144,6 +144,27 @@ def test_knn_puts_the_item_first_and_orders_by_distance():
     # nothing outside a row's list is closer than its last entry
     outside = d.scatter(1, nbr, float("inf"))
     assert torch.all(outside.min(1).values >= picked[:, -1] - 1e-6)
+
+
+def test_block_pairs_cover_every_pair_of_rows_once():
+    for n, mb in ((1, 256), (10, 0.0001), (37, 0.003), (100, 0.0016)):
+        block, pairs = block_pairs(n, mb)
+        seen = np.zeros((n, n), dtype=np.int64)
+        for a, ea, b, eb in pairs:
+            assert ea - a <= block and eb - b <= block and a <= b
+            seen[a:ea, b:eb] += 1
+            if a != b:
+                seen[b:eb, a:ea] += 1
+        assert (seen == 1).all(), (n, mb)
+    assert len(block_pairs(100, 0.0016)[1]) == 10 * 11 // 2  # 0.0016 MB: blocks of 10 rows
+
+
+def test_cpu_products_are_the_float32_products():
+    x = clustered(5, 60, dim=24)
+    exact = x.double() @ x.double().T
+    got = products(x, x)
+    assert got.dtype == torch.float32 and got.shape == (60, 60)
+    assert torch.allclose(got.double(), exact, rtol=0, atol=1e-5)
 
 
 def test_deterministic():
