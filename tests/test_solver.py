@@ -110,6 +110,36 @@ def test_optimizer_hyper_parameters(name, cls):
             assert tuple(group["betas"]) == (0.7, 0.95) and group["eps"] == 1e-6
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_steps_match_torch_default_loop(name):
+    """SOLVER.FUSED (default on): torch's fused kernel, whose steps equal those of torch's
+    per-tensor loop to float rounding; off: torch's default."""
+    def run(fused):
+        torch.manual_seed(0)
+        model = ToyModel()
+        cfg = _cfg("SOLVER.OPTIMIZER", name, "SOLVER.BASE_LR", 0.05, "SOLVER.FUSED", fused)
+        optimizer = build_optimizer(cfg, model)
+        if not fused:
+            # torch's CPU default: the plain loop over the tensors
+            assert all(not g["fused"] and not g["foreach"] for g in optimizer.param_groups)
+            for g in optimizer.param_groups:
+                g["foreach"] = False
+        else:
+            assert all(g["fused"] for g in optimizer.param_groups)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) if p.requires_grad else None
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    fused, loop = run(True), run(False)
+    assert get_default_config().SOLVER.FUSED is True
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(a, torch.zeros_like(a)) for a in fused)
+
+
 def _one_step(name, **solver):
     """The value of a parameter p = 1 with zero gradient after one step at lr 0.1, weight decay 0.5."""
     model = GroupsModel()

@@ -283,6 +283,11 @@ _C.SOLVER.BETAS = [0.9, 0.999]
 _C.SOLVER.EPS = 1e-8
 # Weight decay on every trainable parameter (coupled L2 for SGD and Adam, decoupled for AdamW).
 _C.SOLVER.WEIGHT_DECAY = 5e-4
+# Update every tensor of the optimizer in one fused kernel (torch's fused SGD / Adam / AdamW)
+# instead of torch's default (a loop over the tensors on the CPU, grouped kernels on CUDA): the
+# same update, rounded differently in the last bit here and there (about 1e-7 relative).
+# False = torch's default, as the released code runs.
+_C.SOLVER.FUSED = True
 # Learning-rate factor of the backbone groups (CMFN: everything but the BNNeck and the
 # classifier, released 0.1; IV-REID: backbone, BNNeck and classifier, released 1).
 _C.SOLVER.BACKBONE_LR_FACTOR = 0.1
