@@ -24,8 +24,8 @@ half of the N^2 D multiply-adds). No exact search that computes them can beat th
 by more than the reference's total over that time (``speedup.*_bound_exact_products``).
 Memory is the peak resident set size of the step above the process's size just before it
 (features and imports already loaded; the kernel's peak counter is reset there), plus the
-absolute peak; on CUDA also torch's peak allocated GPU memory. tracemalloc is not used: it does not see torch's
-allocator and slows the reference's Python loops. The labels of both runs are compared
+absolute peak; on CUDA also torch's peak allocated GPU memory. tracemalloc is not used: it
+does not see torch's allocator and slows the reference's Python loops. The labels of both runs are compared
 exactly, and the pseudo-label quality against the synthetic identities (NMI, ARI) is shown.
 
 The reference needs about 12 N^2 bytes (5.9 GB at N = 22,258) and minutes. It runs at a size

@@ -17,7 +17,7 @@ Backends:
   MKL inside the torch wheels does not use its fast float32 GEMM kernels on AMD processors
   (on this project's 2-core AMD EPYC test machine OpenBLAS ran 1.5x faster). When a
   row's k-th and (k + 1)-th distances are equal the tie may reach further, and that row is
-  recomputed in full (the same products) and sorted stably.
+  recomputed in full and sorted stably by its recomputed distances.
 * ``"faiss"``: faiss's ``IndexFlatL2`` (its GPU version when the device is CUDA and faiss has
   GPU support), returned as faiss orders it. faiss is optional and imported only here.
 """
@@ -68,15 +68,23 @@ def block_pairs(n, memory_mb=DEFAULT_MEMORY_MB):
 
 def products(rows, cols):
     """[R, C] float32 products rows @ cols.T of [R, D] and [C, D], on the CPU through numpy's
-    BLAS (module docstring). The rounding of an entry may depend on R and C (BLAS picks its
-    kernels by shape): a tied row's recomputation ranks its own recomputed distances."""
+    BLAS (module docstring; its thread count is the caller's to limit). The rounding of an
+    entry may depend on R and C (BLAS picks its kernels by shape): a tied row's recomputation
+    ranks its own recomputed distances."""
     if rows.device.type != "cpu":
         return rows @ cols.T
-    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
-        return torch.from_numpy(rows.numpy() @ cols.numpy().T)
+    return torch.from_numpy(rows.numpy() @ cols.numpy().T)
 
 
 def _torch_search(x, k, memory_mb):
+    if x.device.type == "cpu":
+        # numpy's BLAS keeps its own thread pool: held to torch's count for the whole search
+        with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+            return _search_blocks(x, k, memory_mb)
+    return _search_blocks(x, k, memory_mb)
+
+
+def _search_blocks(x, k, memory_mb):
     n, dev = x.shape[0], x.device
     width = min(k + 1, n)
     norms = (x * x).sum(1)
