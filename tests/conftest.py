@@ -8,6 +8,10 @@ SYSU ``preprocess=(W, H)`` to also write the training arrays.
 
 ``tiny_demo_cfg`` is a frozen demo config whose DATASET.ROOT is a session temp folder with a
 small demo dataset (12 training + 8 test ids, 64x128 images) already generated.
+
+``one_thread`` (module-scoped) holds torch at one intra-op thread for the module: the golden
+files were made at one thread, the spawned training runs use ``OMP_NUM_THREADS=1`` (same kernels,
+same bits), and many small ops run faster on one thread of a shared 2-core machine.
 """
 import os
 
@@ -15,6 +19,7 @@ import pytest
 
 from data.synthetic import write_llcm, write_regdb, write_sysu
 from data.synthetic_market import write_duke, write_market, write_msmt17
+from ivreid_golden import torch_threads
 
 SMALL = {
     "sysu": dict(num_train=4, num_val=2, num_test=6, seed=0, images_per_cam=3),
@@ -86,3 +91,9 @@ def no_network_download(monkeypatch):
         raise AssertionError("a test tried to download %s" % url)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield

@@ -99,14 +99,6 @@ def test_reference_mbue_computes_the_released_context_convs_and_output():
         assert torch.allclose(mine, case["intermediates_train"][key], rtol=RTOL, atol=ATOL), key
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small ops: one thread is faster on 2 shared cores
-    yield
-    torch.set_num_threads(before)
-
-
 def test_reference_step_has_the_project_loss_and_gradients(one_thread):
     from engine.solver import build_optimizer
     from loss import build_criterion

@@ -30,7 +30,6 @@ import test as test_py
 import train_usl
 from engine.checkpoint import load_checkpoint
 from engine.run_dir import read_metrics
-from ivreid_golden import torch_threads
 from model import load_model
 from model.cmag.encoder import METHOD_LABEL, CMAGEncoder
 from model.tokenmatcher.encoder import TokenMatcherEncoder
@@ -47,12 +46,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cmag_opts(root, out, **extra):
     return ["--method", "cmag"] + usl_opts(root, out, **dict(CMAG, **extra))
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from torch import nn
 import train
 from engine.checkpoint import load_checkpoint
 from engine.run_dir import read_metrics
-from ivreid_golden import GOLDEN, rule_tensor, torch_threads
+from ivreid_golden import GOLDEN, rule_tensor
 from model.ivreid_convert import ReferenceModule, load_reference_state_dict, project_key, restricted_pickle
 from reference_eval import reference_evaluate
 from test_test_py import assert_trial_matches, script as test_script  # test.py, loaded from its file
@@ -45,10 +45,7 @@ MAX_RANK = 5
 COMMON = ["INPUT.SIZE_TEST", "[32, 16]", "TEST.NUM_WORKERS", "0", "TEST.BATCH_SIZE", "512", "DEVICE", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):  # steady timings on a shared machine
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

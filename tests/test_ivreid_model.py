@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ivreid_golden import GOLDEN, digest, golden, rule_images, rule_reference_state, torch_threads
+from ivreid_golden import GOLDEN, digest, golden, rule_images, rule_reference_state
 from model.backbones.single_stream import SingleStreamResNet, add_conv_biases
 from model.heads import BNNeckHead
 from model.ivreid import IVReID, ModalityClassifier
@@ -35,10 +35,7 @@ from torchvision.models.resnet import Bottleneck, conv1x1
 RTOL, ATOL = 1e-5, 2e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(mine, theirs, rtol=RTOL, atol=ATOL):

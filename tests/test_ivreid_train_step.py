@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from engine.solver import build_optimizer
-from ivreid_golden import digest, golden, rule_images, rule_reference_state, torch_threads
+from ivreid_golden import digest, golden, rule_images, rule_reference_state
 from loss import build_criterion
 from model import build_model
 from model.ivreid_convert import map_reference_state_dict, project_key
@@ -51,10 +51,7 @@ DEAD = re.compile(r"^base\.(?:.*\.)?(?:conv\d\.bias|downsample\.0\.bias)$|^base\
 NUM_CLASSES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

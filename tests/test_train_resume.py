@@ -24,14 +24,6 @@ def tiny_opts(data_root, out_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: same kernels, same bits
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def data_root(tiny_demo_root):
     return tiny_demo_root
 

@@ -32,7 +32,6 @@ import train_usl
 from data.pseudo import ModalityListing
 from engine.checkpoint import load_checkpoint
 from engine.run_dir import read_metrics
-from ivreid_golden import torch_threads
 from model import load_model
 from model.tokenmatcher.encoder import TokenMatcherEncoder, flip_average
 from tools.convert_official_checkpoint import main as convert_main
@@ -56,12 +55,6 @@ def usl_opts(root, out, **extra):
     opts = dict(TINY, **{"DATASET.ROOT": root, "OUTPUT_DIR": out})
     opts.update(extra)
     return ["--dataset", "demo"] + [str(x) for kv in opts.items() for x in kv]
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
