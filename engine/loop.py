@@ -28,7 +28,8 @@ def to_device(batch, device, memory_format=torch.contiguous_format):
     return out
 
 
-def _format_terms(terms, digits=4):
+def format_terms(terms, digits=4):
+    """'name value ...' of the loss terms other than the total, for the log."""
     return " ".join("%s %.*f" % (k, digits, v) for k, v in terms.items() if k != "total")
 
 
@@ -86,12 +87,12 @@ def train_one_epoch(train_model, loader, criterion, optimizer, scheduler, amp, c
         bar.update(1)
         if bar.n % 10 == 0 or iteration + 1 == total_iters:
             bar.set_postfix_str("loss %.3f (%s) lr %.2e %.1f img/s" % (
-                terms["total"], _format_terms(terms, 3), lr, images / max(time.perf_counter() - start, 1e-9)),
+                terms["total"], format_terms(terms, 3), lr, images / max(time.perf_counter() - start, 1e-9)),
                 refresh=False)
         if (iteration + 1) % cfg.SOLVER.LOG_PERIOD == 0 or iteration + 1 == total_iters:
             now = time.perf_counter()
             logger.info("epoch %d [%d/%d] loss %.4f (%s) lr %.2e %.1f img/s", epoch, iteration + 1, total_iters,
-                        terms["total"], _format_terms(terms), lr, window_images / max(now - window_start, 1e-9))
+                        terms["total"], format_terms(terms), lr, window_images / max(now - window_start, 1e-9))
             tb.add_scalars("train", {"loss_" + k: v for k, v in terms.items()}, progress.global_step)
             if info:
                 tb.add_scalars("train", dict(info), progress.global_step)
@@ -99,6 +100,12 @@ def train_one_epoch(train_model, loader, criterion, optimizer, scheduler, amp, c
         if stop_now:
             break
     bar.close()
+    return epoch_result(ctx, sums, count, images, start, progress, total_iters)
+
+
+def epoch_result(ctx, sums, count, images, start, progress, total_iters):
+    """(mean loss terms over the `count` steps, averaged across ranks; images/s since the
+    perf_counter time `start`; whether the epoch stopped before its `total_iters`)."""
     seconds = time.perf_counter() - start
     means = mean_across_ranks(ctx, {k: v / count for k, v in sums.items()}) if count else {}
     return means, images / max(seconds, 1e-9), progress.iteration < total_iters

@@ -43,8 +43,8 @@ from data.errors import DatasetError
 from data.pseudo import PseudoLabelSet, build_pseudo_loader
 from data.samplers.multiple_gallery import camera_slot
 from data.usl_transforms import build_train_views, params_from_config
-from engine.distributed import any_across_ranks, mean_across_ranks
-from engine.loop import to_device
+from engine.distributed import any_across_ranks
+from engine.loop import epoch_result, format_terms, to_device
 from engine.training import NonFiniteError, check_finite_loss, restore_rng_state, seed_everything
 from loss.tokenmatcher import Stage2Loss, camera_local_loss, stage1_loss
 from model.base import VISIBLE
@@ -203,10 +203,6 @@ def _loss(stage, epoch, labelled, parts, step, cfg):
     return step(epoch, labelled, f_ir, f_rgb, b_ir, b_rgb, tok_ir, tok_rgb)
 
 
-def _format_terms(terms):
-    return " ".join("%s %.4f" % kv for kv in terms.items() if kv[0] != "total")
-
-
 def train_epoch(stage, train_model, model, loaders, datasets, labelled, step, optimizer, amp, cfg, ctx, progress,
                 stop, logger, tb, rng_after_skip=None):
     """The iterations of ``progress.epoch`` of `stage` from ``progress.iteration`` on (module
@@ -259,7 +255,7 @@ def train_epoch(stage, train_model, model, loaders, datasets, labelled, step, op
         if (iteration + 1) % cfg.SOLVER.LOG_PERIOD == 0 or iteration + 1 == total_iters:
             now = time.perf_counter()
             logger.info("%s epoch %d [%d/%d] loss %.4f (%s) lr %.2e %.1f img/s%s", stage.name, epoch, iteration + 1,
-                        total_iters, terms["total"], _format_terms(terms), optimizer.param_groups[0]["lr"],
+                        total_iters, terms["total"], format_terms(terms), optimizer.param_groups[0]["lr"],
                         window_images / max(now - window_start, 1e-9),
                         "; %s" % " ".join("%s %.4g" % kv for kv in info.items()) if info else "")
             tb.add_scalars("train/%s" % stage.name, {"loss_" + k: v for k, v in terms.items()}, progress.global_step)
@@ -269,6 +265,4 @@ def train_epoch(stage, train_model, model, loaders, datasets, labelled, step, op
         if stop_now:
             break
     bar.close()
-    seconds = time.perf_counter() - start
-    means = mean_across_ranks(ctx, {k: v / count for k, v in sums.items()}) if count else {}
-    return means, images / max(seconds, 1e-9), progress.iteration < total_iters
+    return epoch_result(ctx, sums, count, images, start, progress, total_iters)
